@@ -1,14 +1,21 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! epoxy: a Linux TCP (layer 4) proxy and load balancer built on a hand-rolled,
+//! edge-triggered mio event loop. The binary `proxy` is a thin shell over this library;
+//! tests, benchmarks and other programs embed it through [`Proxy`] and [`Config`].
+#![deny(unsafe_code)]
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod backend;
+pub mod balance;
+pub mod buffer;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod health;
+pub mod net;
+pub mod stats;
+pub mod sys;
+pub mod worker;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use config::Config;
+pub use control::Proxy;
+pub use error::Error;

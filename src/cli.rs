@@ -1,0 +1,239 @@
+//! Command-line definitions (clap) and their translation into a `Config`: either one app from
+//! `-l -p -b -P`, or a config file (`-c`) with the flags as overrides. Resolves host names at
+//! start. Never starts anything.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::config::{
+    self, AppConfig, Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_BUFFER_SIZE, DEFAULT_MAX_EVENTS,
+    Overrides, TargetConfig, Workers,
+};
+
+/// epoxy: a TCP (layer 4) proxy and load balancer.
+#[derive(Debug, Parser)]
+#[command(name = "proxy", version, about, long_about = None)]
+pub struct Cli {
+    /// Address to listen on [default: 0.0.0.0]
+    #[arg(short = 'l', long, value_name = "ADDR", conflicts_with = "config")]
+    pub listen: Option<String>,
+    /// Port to listen on (0 = any free port) [default: 8080]
+    #[arg(short = 'p', long, value_name = "PORT", conflicts_with = "config")]
+    pub port: Option<u16>,
+    /// Backend host: IPv4/IPv6 literal or host name, resolved at start [default: 127.0.0.1]
+    #[arg(short = 'b', long, value_name = "HOST", conflicts_with = "config")]
+    pub backend: Option<String>,
+    /// Backend port [default: 8081]
+    #[arg(short = 'P', long = "backend-port", value_name = "PORT",
+          value_parser = clap::value_parser!(u16).range(1..), conflicts_with = "config")]
+    pub backend_port: Option<u16>,
+    /// Config file (.toml, .json or .conf); flags given too override it
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print "ok" and exit (exit 2 on errors)
+    #[arg(long)]
+    pub check: bool,
+    /// Most concurrent connection pairs, whole process [default: 10000, lowered to fit the fd limit]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_conns: Option<u64>,
+    /// Bytes per relay buffer (one per direction while bytes are in flight) [default: 8192]
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
+    pub buffer_size: Option<u64>,
+    /// Events per poll call [default: 128]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub max_events: Option<u64>,
+    /// Listen backlog [default: 1024]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..))]
+    pub backlog: Option<i32>,
+    /// Upstream connect timeout, e.g. 250ms, 5s [default: 5s]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_on)]
+    pub connect_timeout: Option<Duration>,
+    /// Close pairs idle (no bytes either way) this long, or "off" [default: off]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_opt)]
+    pub idle_timeout: Option<OptDuration>,
+    /// On SIGTERM/SIGINT, how long live connections may finish [default: 30s]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_any)]
+    pub grace: Option<Duration>,
+    /// Worker threads: a number or "auto" (one per usable CPU) [default: 1]
+    #[arg(long, value_name = "N|auto", value_parser = parse_workers)]
+    pub workers: Option<Workers>,
+    /// Pin worker i to the i-th CPU of this list, e.g. "0,2,4-7"
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub cpu_pin: Option<CpuList>,
+}
+
+/// A parsed duration that may be "off".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptDuration(pub Option<Duration>);
+
+/// A parsed CPU list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+fn parse_duration_opt(s: &str) -> Result<OptDuration, String> {
+    config::parse_duration(s).map(OptDuration)
+}
+
+fn parse_duration_any(s: &str) -> Result<Duration, String> {
+    Ok(config::parse_duration(s)?.unwrap_or(Duration::ZERO))
+}
+
+fn parse_duration_on(s: &str) -> Result<Duration, String> {
+    match config::parse_duration(s)? {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!("'{s}' must be a positive duration")),
+    }
+}
+
+fn parse_workers(s: &str) -> Result<Workers, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(Workers::Auto);
+    }
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(Workers::Count(n)),
+        _ => Err(format!("'{s}' is not a worker count (1-1024) or \"auto\"")),
+    }
+}
+
+/// "0,2,4-7" -> [0, 2, 4, 5, 6, 7].
+pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let bad = || format!("invalid CPU list '{s}' (use e.g. 0,2,4-7)");
+        if let Some((a, b)) = part.split_once('-') {
+            let a: usize = a.trim().parse().map_err(|_| bad())?;
+            let b: usize = b.trim().parse().map_err(|_| bad())?;
+            if a > b || b >= 4096 {
+                return Err(bad());
+            }
+            out.extend(a..=b);
+        } else {
+            let c: usize = part.parse().map_err(|_| bad())?;
+            if c >= 4096 {
+                return Err(bad());
+            }
+            out.push(c);
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("empty CPU list '{s}'"));
+    }
+    Ok(CpuList(out))
+}
+
+fn resolve_one(host: &str, port: u16, what: &str) -> Result<SocketAddr, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: None,
+        line: None,
+        app: None,
+        key: Some(what.to_string()),
+        message,
+    };
+    if let Ok(ip) = host.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let mut addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| err(format!("cannot resolve '{host}': {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| err(format!("'{host}' resolved to no address")))
+}
+
+impl Cli {
+    /// Flags that override a config file.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            workers: self.workers,
+            cpu_pin: self.cpu_pin.as_ref().map(|c| c.0.clone()),
+            max_conns: self.max_conns.map(|n| n as usize),
+            buffer_size: self.buffer_size.map(|n| n as usize),
+            max_events: self.max_events.map(|n| n as usize),
+            backlog: self.backlog,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout.map(|d| d.0),
+            grace: self.grace,
+            ..Overrides::default()
+        }
+    }
+
+    /// The configuration to run.
+    pub fn to_config(&self) -> Result<Config, ConfigError> {
+        let ov = self.overrides();
+        if let Some(path) = &self.config {
+            return config::load_file(path, &ov);
+        }
+        let listen_host = self.listen.as_deref().unwrap_or("0.0.0.0");
+        let listen = resolve_one(listen_host, self.port.unwrap_or(8080), "listen")?;
+        let backend_host = self.backend.as_deref().unwrap_or("127.0.0.1");
+        let backend = resolve_one(backend_host, self.backend_port.unwrap_or(8081), "backend")?;
+        let mut target = TargetConfig::new(backend);
+        target.name = if backend_host.parse::<IpAddr>().is_ok() {
+            backend.to_string()
+        } else {
+            format!("{backend_host}:{}", backend.port())
+        };
+        let mut app = AppConfig::new("default", vec![listen], vec![target]);
+        if let Some(d) = ov.connect_timeout {
+            app.connect_timeout = d;
+        }
+        if let Some(d) = ov.idle_timeout {
+            app.idle_timeout = d;
+        }
+        let mut cfg = Config {
+            apps: vec![app],
+            max_conns: ov.max_conns,
+            buffer_size: ov.buffer_size.unwrap_or(DEFAULT_BUFFER_SIZE),
+            max_events: ov.max_events.unwrap_or(DEFAULT_MAX_EVENTS),
+            backlog: ov.backlog.unwrap_or(DEFAULT_BACKLOG),
+            ..Config::default()
+        };
+        if let Some(w) = ov.workers {
+            cfg.workers = w;
+        }
+        if let Some(c) = ov.cpu_pin {
+            cfg.cpu_pin = c;
+        }
+        if let Some(g) = ov.grace {
+            cfg.grace = g;
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0,2,4-6").map(|c| c.0), Ok(vec![0, 2, 4, 5, 6]));
+        assert!(parse_cpu_list("a").is_err());
+        assert!(parse_cpu_list("3-1").is_err());
+    }
+
+    #[test]
+    fn defaults_describe_one_app() {
+        let cli = Cli::try_parse_from(["proxy"]).map_err(|e| e.to_string());
+        let cfg = cli.and_then(|c| c.to_config().map_err(|e| e.to_string()));
+        let cfg = match cfg {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(cfg.apps.len(), 1);
+        assert_eq!(cfg.apps[0].listen[0].to_string(), "0.0.0.0:8080");
+        assert_eq!(cfg.apps[0].targets[0].addr.to_string(), "127.0.0.1:8081");
+    }
+
+    #[test]
+    fn ipv6_backend_literal() {
+        let cli = Cli::try_parse_from(["proxy", "-l", "::1", "-p", "0", "-b", "::1", "-P", "9"]);
+        let cfg = cli.ok().and_then(|c| c.to_config().ok());
+        let addr = cfg.map(|c| c.apps[0].targets[0].addr.to_string());
+        assert_eq!(addr.as_deref(), Some("[::1]:9"));
+    }
+}

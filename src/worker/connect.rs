@@ -1,0 +1,173 @@
+//! Upstream connects: pick the ordered candidates from the app's balancer, start a
+//! non-blocking connect, complete it with mio's procedure (WRITABLE, then `take_error()`, then
+//! `peer_addr()`; `NotConnected` = still in flight), and fail over to the next candidate on
+//! refusal, error or timeout. Feeds passive health. Never blocks.
+
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::Worker;
+use super::pair::{CloseReason, ConnectFail, MAX_ATTEMPTS, PairState};
+use super::token::{self, Side};
+use crate::health;
+use crate::net;
+
+impl Worker {
+    /// Fill the pair's candidate list (balancer order; up targets first).
+    pub(super) fn choose_candidates(&mut self, idx: usize) {
+        let Some(pair) = self.pairs.get_mut(idx) else {
+            return;
+        };
+        let app = &self.apps[pair.app];
+        let now_ms = health::now_ms();
+        let targets = &app.targets;
+        let up = |i: usize| targets.get(i).is_some_and(|t| t.health.is_up(now_ms));
+        let active = |i: usize| targets.get(i).map_or(0, |t| t.active.load(Relaxed));
+        let all_down = self.balancers[pair.app].candidates(
+            pair.client_addr.ip(),
+            &up,
+            &active,
+            &mut self.scratch,
+        );
+        if all_down {
+            log::debug!("app '{}': every target is down; trying all (fail open)", app.cfg.name);
+        }
+        let limit = app
+            .cfg
+            .retries
+            .map_or(usize::MAX, |r| r.saturating_add(1))
+            .min(MAX_ATTEMPTS);
+        let n = self.scratch.len().min(limit);
+        pair.cand[..n].copy_from_slice(&self.scratch[..n]);
+        pair.ncand = n as u8;
+        pair.attempt = 0;
+    }
+
+    /// Start connecting to the candidate at `pair.attempt`, moving on past immediate failures.
+    /// Closes the pair with `NoBackend` when no candidate is left.
+    pub(super) fn start_connect(&mut self, idx: usize) {
+        loop {
+            let Some(pair) = self.pairs.get_mut(idx) else {
+                return;
+            };
+            if pair.attempt >= pair.ncand {
+                self.close(idx, CloseReason::NoBackend);
+                return;
+            }
+            let target = pair.cand[pair.attempt as usize] as usize;
+            pair.target = target;
+            let app = &self.apps[pair.app];
+            let Some(t) = app.targets.get(target) else {
+                pair.attempt += 1;
+                continue;
+            };
+            match net::connect_nonblocking(t.cfg.addr) {
+                Ok(sock) => {
+                    t.active.fetch_add(1, Relaxed);
+                    pair.target_counted = true;
+                    pair.upstream.sock = Some(sock);
+                    pair.upstream.readable = false;
+                    pair.upstream.writable = false;
+                    pair.upstream.interest = None;
+                    pair.connect_started = self.now;
+                    pair.deadline = self.now + app.cfg.connect_timeout;
+                    let want = pair.wanted_interest(Side::Upstream);
+                    Worker::set_interest(
+                        self.poll.registry(),
+                        &mut pair.upstream,
+                        token::pair(idx, Side::Upstream),
+                        want,
+                    );
+                    if pair.upstream.interest.is_none() {
+                        self.connect_failed(idx, ConnectFail::Other);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.count_connect_fail(idx, ConnectFail::from_io(e.kind()));
+                    if let Some(pair) = self.pairs.get_mut(idx) {
+                        pair.attempt += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_connect_event(&mut self, idx: usize) {
+        let Some(pair) = self.pairs.get_mut(idx) else {
+            return;
+        };
+        let Some(sock) = pair.upstream.sock.as_ref() else {
+            return;
+        };
+        match sock.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => {
+                self.connect_failed(idx, ConnectFail::from_io(e.kind()));
+                return;
+            }
+        }
+        match sock.peer_addr() {
+            Ok(_) => self.connected(idx),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                // Spurious wake-up: still connecting.
+                pair.upstream.writable = false;
+            }
+            Err(e) => self.connect_failed(idx, ConnectFail::from_io(e.kind())),
+        }
+    }
+
+    fn connected(&mut self, idx: usize) {
+        let Some(pair) = self.pairs.get_mut(idx) else {
+            return;
+        };
+        pair.state = PairState::Open;
+        self.connecting -= 1;
+        pair.upstream.writable = true;
+        pair.last_active = self.now;
+        if let Some(t) = self.apps[pair.app].targets.get(pair.target) {
+            t.health.on_connect_ok();
+        }
+        self.relay(idx);
+    }
+
+    fn count_connect_fail(&mut self, idx: usize, fail: ConnectFail) {
+        self.stats.connect_fail[fail as usize].add(1);
+        let Some(pair) = self.pairs.get(idx) else {
+            return;
+        };
+        let app = &self.apps[pair.app];
+        if let Some(t) = app.targets.get(pair.target) {
+            if t.health.on_connect_fail(health::now_ms(), &app.cfg.health) {
+                log::warn!(
+                    "app '{}' target {} is DOWN ({} connect failures in a row, last: {})",
+                    app.cfg.name,
+                    t.cfg.name,
+                    app.cfg.health.fall,
+                    fail.as_str()
+                );
+            }
+        }
+    }
+
+    /// The attempt in flight failed: drop its socket and try the next candidate.
+    pub(super) fn connect_failed(&mut self, idx: usize, fail: ConnectFail) {
+        self.count_connect_fail(idx, fail);
+        let Some(pair) = self.pairs.get_mut(idx) else {
+            return;
+        };
+        if let Some(mut sock) = pair.upstream.sock.take() {
+            if pair.upstream.interest.take().is_some() {
+                let _ = self.poll.registry().deregister(&mut sock);
+            }
+        }
+        if pair.target_counted {
+            pair.target_counted = false;
+            if let Some(t) = self.apps[pair.app].targets.get(pair.target) {
+                t.active.fetch_sub(1, Relaxed);
+            }
+        }
+        pair.attempt += 1;
+        self.start_connect(idx);
+    }
+}

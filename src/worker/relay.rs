@@ -1,0 +1,155 @@
+//! Relaying bytes between the halves of an established pair: each direction flushes what it
+//! holds, then reads more only when its buffer is empty (so memory per pair is bounded by one
+//! buffer per direction), until `WouldBlock`, EOF, an error, or the destination blocks
+//! (backpressure: the source's readiness stays set and resumes on the destination's next
+//! writable edge). EOF is forwarded as shutdown(Write) once flushed. No allocation.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+
+use super::Worker;
+use super::pair::{CloseReason, Flow, Half, PairState};
+use super::token::{self, Side};
+use crate::buffer::BufPool;
+
+impl Worker {
+    /// Move whatever can move in both directions, then settle state and interest.
+    pub(super) fn relay(&mut self, idx: usize) {
+        let Some(pair) = self.pairs.get_mut(idx) else {
+            return;
+        };
+        let up = pump(
+            &mut pair.client,
+            &mut pair.upstream,
+            &mut pair.up,
+            &mut self.pool,
+            Side::Client,
+        );
+        let down = match up {
+            Ok(_) => pump(
+                &mut pair.upstream,
+                &mut pair.client,
+                &mut pair.down,
+                &mut self.pool,
+                Side::Upstream,
+            ),
+            Err(_) => Ok(0),
+        };
+        let (up_n, down_n) = (*up.as_ref().unwrap_or(&0), *down.as_ref().unwrap_or(&0));
+        if up_n > 0 {
+            self.stats.bytes_up.add(up_n);
+        }
+        if down_n > 0 {
+            self.stats.bytes_down.add(down_n);
+        }
+        if up_n + down_n > 0 {
+            pair.last_active = self.now;
+        }
+        if let Err(reason) = up.and(down) {
+            self.close(idx, reason);
+            return;
+        }
+        let next = match (pair.state, pair.up.done(), pair.down.done()) {
+            (PairState::Open | PairState::HalfClosed, true, true) => None,
+            (PairState::Open | PairState::HalfClosed, true, false)
+            | (PairState::Open | PairState::HalfClosed, false, true) => Some(PairState::HalfClosed),
+            (PairState::Open | PairState::HalfClosed, false, false) => Some(PairState::Open),
+            (PairState::Connecting | PairState::Closed, _, _) => {
+                log::error!("relay on a pair in state {:?}", pair.state);
+                self.close(idx, CloseReason::Internal);
+                return;
+            }
+        };
+        match next {
+            None => self.close(idx, CloseReason::Done),
+            Some(state) => {
+                pair.state = state;
+                let registry = self.poll.registry();
+                let want = pair.wanted_interest(Side::Client);
+                Worker::set_interest(registry, &mut pair.client, token::pair(idx, Side::Client), want);
+                let want = pair.wanted_interest(Side::Upstream);
+                Worker::set_interest(
+                    registry,
+                    &mut pair.upstream,
+                    token::pair(idx, Side::Upstream),
+                    want,
+                );
+            }
+        }
+    }
+}
+
+/// Move bytes from `src` to `dst` through `flow`. Returns the bytes written to `dst`, or why
+/// the pair must close.
+fn pump(
+    src: &mut Half,
+    dst: &mut Half,
+    flow: &mut Flow,
+    pool: &mut BufPool,
+    src_side: Side,
+) -> Result<u64, CloseReason> {
+    let dst_side = src_side.other();
+    let mut moved = 0u64;
+    let result = loop {
+        if !flow.buf.is_empty() {
+            if !dst.writable {
+                break Ok(());
+            }
+            let Some(sock) = dst.sock.as_mut() else {
+                break Err(CloseReason::Internal);
+            };
+            match sock.write(flow.buf.data(pool)) {
+                Ok(0) => break Err(CloseReason::from_io(dst_side, io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    flow.buf.consumed(n);
+                    flow.written += n as u64;
+                    moved += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dst.writable = false;
+                    break Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(CloseReason::from_io(dst_side, e.kind())),
+            }
+            continue;
+        }
+        if flow.eof {
+            if !flow.shut {
+                if let Some(sock) = dst.sock.as_ref() {
+                    // ENOTCONN here means the peer is already gone; the next read or write
+                    // on that side reports it.
+                    let _ = sock.shutdown(Shutdown::Write);
+                }
+                flow.shut = true;
+            }
+            break Ok(());
+        }
+        if !src.readable {
+            break Ok(());
+        }
+        let Some(sock) = src.sock.as_mut() else {
+            break Err(CloseReason::Internal);
+        };
+        let Some(space) = flow.buf.space(pool) else {
+            // Pool exhausted (cannot happen: it holds two buffers per pair slot). Leave the
+            // readiness set; the next event retries.
+            break Ok(());
+        };
+        match sock.read(space) {
+            Ok(0) => flow.eof = true,
+            Ok(n) => {
+                flow.buf.filled(n);
+                flow.read += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                src.readable = false;
+                break Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(CloseReason::from_io(src_side, e.kind())),
+        }
+    };
+    flow.buf.release(pool, false);
+    result.map(|()| moved)
+}
