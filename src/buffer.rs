@@ -122,11 +122,11 @@ impl Buffer {
     /// unflushed bytes: used when the pair closes).
     #[inline]
     pub fn release(&mut self, pool: &mut BufPool, force: bool) {
-        if let Some(s) = self.slot {
-            if force || self.is_empty() {
-                pool.give(s);
-                *self = Buffer::default();
-            }
+        if let Some(s) = self.slot
+            && (force || self.is_empty())
+        {
+            pool.give(s);
+            *self = Buffer::default();
         }
     }
 }
@@ -145,7 +145,10 @@ mod tests {
         a.filled(3);
         assert!(b.space(&mut pool).is_some());
         b.filled(1);
-        assert!(c.space(&mut pool).is_none(), "pool of 2 must refuse a third");
+        assert!(
+            c.space(&mut pool).is_none(),
+            "pool of 2 must refuse a third"
+        );
         assert_eq!(pool.in_use(), 2);
         b.consumed(1);
         b.release(&mut pool, false);

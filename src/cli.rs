@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::config::{
-    self, AppConfig, Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_BUFFER_SIZE, DEFAULT_MAX_EVENTS,
-    Overrides, TargetConfig, Workers,
-};
+use crate::config::{self, AppConfig, Config, ConfigError, Overrides, TargetConfig, Workers};
 
 /// epoxy: a TCP (layer 4) proxy and load balancer.
 #[derive(Debug, Parser)]
@@ -63,6 +60,21 @@ pub struct Cli {
     /// Pin worker i to the i-th CPU of this list, e.g. "0,2,4-7"
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub cpu_pin: Option<CpuList>,
+    /// Serve /metrics, /connections, /healthz, /readyz on this address (e.g. 127.0.0.1:9090)
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Log one line per closed connection (target "access")
+    #[arg(long)]
+    pub access_log: bool,
+    /// Relay with splice(2) through kernel pipes instead of user-space buffers
+    #[arg(long)]
+    pub splice: bool,
+    /// On SIGTERM, keep listening this long after readyz turns 503 [default: 0s]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_any)]
+    pub drain_delay: Option<Duration>,
+    /// Log a traffic summary this often, or "off" [default: 10s]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_opt)]
+    pub log_interval: Option<OptDuration>,
 }
 
 /// A parsed duration that may be "off".
@@ -133,7 +145,10 @@ fn resolve_one(host: &str, port: u16, what: &str) -> Result<SocketAddr, ConfigEr
         key: Some(what.to_string()),
         message,
     };
-    if let Ok(ip) = host.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+    if let Ok(ip) = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<IpAddr>()
+    {
         return Ok(SocketAddr::new(ip, port));
     }
     let mut addrs = (host, port)
@@ -157,7 +172,11 @@ impl Cli {
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout.map(|d| d.0),
             grace: self.grace,
-            ..Overrides::default()
+            drain_delay: self.drain_delay,
+            log_interval: self.log_interval.map(|d| d.0),
+            admin: self.admin,
+            access_log: self.access_log.then_some(true),
+            splice: self.splice.then_some(true),
         }
     }
 
@@ -177,30 +196,12 @@ impl Cli {
         } else {
             format!("{backend_host}:{}", backend.port())
         };
-        let mut app = AppConfig::new("default", vec![listen], vec![target]);
-        if let Some(d) = ov.connect_timeout {
-            app.connect_timeout = d;
-        }
-        if let Some(d) = ov.idle_timeout {
-            app.idle_timeout = d;
-        }
+        let app = AppConfig::new("default", vec![listen], vec![target]);
         let mut cfg = Config {
             apps: vec![app],
-            max_conns: ov.max_conns,
-            buffer_size: ov.buffer_size.unwrap_or(DEFAULT_BUFFER_SIZE),
-            max_events: ov.max_events.unwrap_or(DEFAULT_MAX_EVENTS),
-            backlog: ov.backlog.unwrap_or(DEFAULT_BACKLOG),
             ..Config::default()
         };
-        if let Some(w) = ov.workers {
-            cfg.workers = w;
-        }
-        if let Some(c) = ov.cpu_pin {
-            cfg.cpu_pin = c;
-        }
-        if let Some(g) = ov.grace {
-            cfg.grace = g;
-        }
+        config::resolve::apply_overrides(&mut cfg, &ov)?;
         Ok(cfg)
     }
 }
@@ -211,7 +212,10 @@ mod tests {
 
     #[test]
     fn cpu_lists_parse() {
-        assert_eq!(parse_cpu_list("0,2,4-6").map(|c| c.0), Ok(vec![0, 2, 4, 5, 6]));
+        assert_eq!(
+            parse_cpu_list("0,2,4-6").map(|c| c.0),
+            Ok(vec![0, 2, 4, 5, 6])
+        );
         assert!(parse_cpu_list("a").is_err());
         assert!(parse_cpu_list("3-1").is_err());
     }

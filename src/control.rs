@@ -6,41 +6,114 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::{Poll, Waker};
 
-use crate::backend::AppRuntime;
+use crate::backend::{AppRuntime, Carry};
 use crate::config::{Config, DEFAULT_MAX_CONNS, Workers};
 use crate::error::Error;
-use crate::health::{self, HealthTarget, TargetHealth};
+use crate::health::{self, HealthTarget};
 use crate::stats::{Shared, Summary, WorkerStats};
-use crate::worker::{Command, Worker, WorkerSetup, token};
-use crate::{net, sys};
+use crate::worker::{AccessRecord, Command, ConnInfo, NewListener, Worker, WorkerSetup, token};
+use crate::{metrics, net, sys};
 
 /// File descriptors kept free for listeners, the poll, logging and the like.
 const FD_RESERVE: u64 = 32;
 
 struct WorkerHandle {
-    tx: Sender<Command>,
-    waker: Arc<Waker>,
     thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// A way to reach one worker: its command channel and its poll's waker.
+pub struct WorkerLink {
+    tx: Mutex<Sender<Command>>,
+    waker: Arc<Waker>,
+}
+
+impl WorkerLink {
+    fn send(&self, cmd: Command) -> bool {
+        let sent = self
+            .tx
+            .lock()
+            .map(|tx| tx.send(cmd).is_ok())
+            .unwrap_or(false);
+        if sent {
+            let _ = self.waker.wake();
+        }
+        sent
+    }
+}
+
+/// What the control, admin and health threads share: read-mostly views of the running proxy.
+/// Workers never read this; they get commands.
+pub struct State {
+    /// The current generation of apps (replaced on reload).
+    pub apps: Mutex<Vec<Arc<AppRuntime>>>,
+    pub workers: Vec<Arc<WorkerStats>>,
+    pub links: Vec<WorkerLink>,
+    pub shared: Arc<Shared>,
+    /// Listeners are bound and serving.
+    pub ready: AtomicBool,
+    /// SIGTERM received: readyz answers 503.
+    pub draining: AtomicBool,
+    /// Config reloads: [success, failure].
+    pub reloads: [AtomicU64; 2],
+    pub started: Instant,
+    /// Unix time of the start, seconds.
+    pub start_time: f64,
+    pub max_conns: usize,
+}
+
+impl State {
+    pub fn apps(&self) -> Vec<Arc<AppRuntime>> {
+        self.apps.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    pub fn summary(&self) -> Summary {
+        Summary::collect(
+            self.workers.iter().map(|s| s.as_ref()),
+            &self.shared,
+            self.started.elapsed(),
+        )
+    }
+
+    /// Ask every worker for its live pairs (bounded wait).
+    pub fn connections(&self, timeout: Duration) -> Vec<ConnInfo> {
+        let mut out = Vec::new();
+        let mut replies = Vec::new();
+        for link in &self.links {
+            let (tx, rx) = mpsc::sync_channel(1);
+            if link.send(Command::Connections(tx)) {
+                replies.push(rx);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        for rx in replies {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(list) = rx.recv_timeout(left) {
+                out.extend(list);
+            }
+        }
+        out
+    }
 }
 
 /// A running proxy. Dropping it stops it immediately.
 pub struct Proxy {
     workers: Vec<WorkerHandle>,
-    stats: Vec<Arc<WorkerStats>>,
-    shared: Arc<Shared>,
-    local_addrs: Vec<SocketAddr>,
-    started: Instant,
+    state: Arc<State>,
+    /// Listen addresses as configured -> as bound (port 0 resolved), in config order.
+    bound: Vec<(SocketAddr, SocketAddr)>,
     config: Config,
-    health_stop: Arc<AtomicBool>,
-    health_thread: Option<JoinHandle<()>>,
+    nworkers: usize,
+    health: Option<HealthThread>,
+    access_thread: Option<JoinHandle<()>>,
+    admin: Option<metrics::AdminServer>,
     failed: Mutex<Vec<String>>,
 }
 
@@ -66,6 +139,94 @@ fn worker_count(w: Workers) -> usize {
         Workers::Count(n) => n.max(1),
         Workers::Auto => sys::allowed_cpus().map(|c| c.len()).unwrap_or(1).max(1),
     }
+}
+
+/// Bind `addr` once per worker (all on this thread, so errors surface at once).
+fn bind_all(
+    addr: SocketAddr,
+    backlog: i32,
+    nworkers: usize,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), Error> {
+    let mut actual = addr;
+    let mut out = Vec::with_capacity(nworkers);
+    for w in 0..nworkers {
+        let l = net::bind_listener(actual, backlog, nworkers > 1)
+            .map_err(|e| Error::io(format!("bind {addr}"), e))?;
+        if w == 0 {
+            actual = l
+                .local_addr()
+                .map_err(|e| Error::io(format!("bind {addr}"), e))?;
+        }
+        out.push(l);
+    }
+    Ok((actual, out))
+}
+
+fn health_targets(apps: &[Arc<AppRuntime>]) -> Vec<HealthTarget> {
+    let mut out = Vec::new();
+    for a in apps {
+        if let Some(check) = a.cfg.health.active {
+            for t in &a.targets {
+                out.push(HealthTarget {
+                    app: a.cfg.name.clone(),
+                    target: t.cfg.name.clone(),
+                    addr: t.cfg.addr,
+                    state: t.health.clone(),
+                    check,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A running health checker: its stop flag and thread.
+type HealthThread = (Arc<AtomicBool>, JoinHandle<()>);
+
+fn start_health(apps: &[Arc<AppRuntime>]) -> Result<Option<HealthThread>, Error> {
+    let targets = health_targets(apps);
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = health::spawn_checker(targets, stop.clone())
+        .map_err(|e| Error::io("spawn health checker", e))?;
+    Ok(Some((stop, t)))
+}
+
+fn log_listeners(cfg: &Config, bound: &[(SocketAddr, SocketAddr)], only_new: &[SocketAddr]) {
+    for app in &cfg.apps {
+        let targets: Vec<&str> = app.targets.iter().map(|t| t.name.as_str()).collect();
+        for addr in &app.listen {
+            if !only_new.is_empty() && !only_new.contains(addr) {
+                continue;
+            }
+            let actual = bound
+                .iter()
+                .find(|(c, _)| c == addr)
+                .map_or(*addr, |(_, a)| *a);
+            log::info!(
+                "app '{}' listening on {} -> {} ({})",
+                app.name,
+                actual,
+                targets.join(", "),
+                app.balance.as_str()
+            );
+        }
+    }
+}
+
+fn spawn_access_log() -> Result<(SyncSender<AccessRecord>, JoinHandle<()>), Error> {
+    let (tx, rx) = mpsc::sync_channel::<AccessRecord>(8192);
+    let t = std::thread::Builder::new()
+        .name("epoxy-access-log".into())
+        .spawn(move || {
+            while let Ok(r) = rx.recv() {
+                log::info!(target: "access", "{}", metrics::access_line(&r));
+            }
+        })
+        .map_err(|e| Error::io("spawn access-log thread", e))?;
+    Ok((tx, t))
 }
 
 impl Proxy {
@@ -96,54 +257,42 @@ impl Proxy {
             }
         }
 
-        // Shared per-app state and health.
-        let mut health_targets = Vec::new();
+        let carry = Carry::default();
         let apps: Vec<Arc<AppRuntime>> = config
             .apps
             .iter()
-            .map(|a| {
-                let mut mk = |t: &crate::config::TargetConfig| {
-                    let st = Arc::new(TargetHealth::new());
-                    if let Some(check) = a.health.active {
-                        health_targets.push(HealthTarget {
-                            app: a.name.clone(),
-                            target: t.name.clone(),
-                            addr: t.addr,
-                            state: st.clone(),
-                            check,
-                        });
-                    }
-                    st
-                };
-                Arc::new(AppRuntime::new(a.clone(), &mut mk))
-            })
+            .map(|a| Arc::new(AppRuntime::new(a.clone(), nworkers, &carry)))
             .collect();
 
         // Bind everything first: one socket per listen address per worker.
-        let reuse_port = nworkers > 1;
-        let mut per_worker: Vec<Vec<(std::net::TcpListener, usize)>> =
-            (0..nworkers).map(|_| Vec::new()).collect();
-        let mut local_addrs = Vec::new();
+        let mut per_worker: Vec<Vec<NewListener>> = (0..nworkers).map(|_| Vec::new()).collect();
+        let mut bound = Vec::new();
         for (app_idx, app) in config.apps.iter().enumerate() {
             for &addr in &app.listen {
-                let mut actual = addr;
-                for (w, list) in per_worker.iter_mut().enumerate() {
-                    let l = net::bind_listener(actual, config.backlog, reuse_port)
-                        .map_err(|e| Error::io(format!("bind {addr}"), e))?;
-                    if w == 0 {
-                        actual = l
-                            .local_addr()
-                            .map_err(|e| Error::io(format!("bind {addr}"), e))?;
-                        local_addrs.push(actual);
-                    }
-                    list.push((l, app_idx));
+                let (actual, socks) = bind_all(addr, config.backlog, nworkers)?;
+                bound.push((addr, actual));
+                for (list, sock) in per_worker.iter_mut().zip(socks) {
+                    list.push(NewListener {
+                        sock,
+                        cfg_addr: addr,
+                        app: app_idx,
+                    });
                 }
             }
         }
 
+        let any_access_log = config.apps.iter().any(|a| a.access_log);
+        let (access_tx, access_thread) = if any_access_log || config.source.is_some() {
+            let (tx, t) = spawn_access_log()?;
+            (Some(tx), Some(t))
+        } else {
+            (None, None)
+        };
+
         let shared = Arc::new(Shared::default());
         let mut workers = Vec::with_capacity(nworkers);
         let mut stats = Vec::with_capacity(nworkers);
+        let mut links = Vec::with_capacity(nworkers);
         for (id, listeners) in per_worker.into_iter().enumerate() {
             let poll = Poll::new().map_err(|e| Error::io("create poll", e))?;
             let waker = Arc::new(
@@ -163,7 +312,7 @@ impl Proxy {
                 stats: wstats.clone(),
                 shared: shared.clone(),
                 commands: rx,
-                cpu,
+                access_log: access_tx.clone(),
             };
             let max_events = config.max_events;
             let mut worker =
@@ -171,46 +320,46 @@ impl Proxy {
             let thread = std::thread::Builder::new()
                 .name(format!("epoxy-worker-{id}"))
                 .spawn(move || {
-                    if let Some(cpu) = cpu {
-                        if let Err(e) = sys::pin_current_thread(cpu) {
-                            log::warn!("worker {id}: pin to CPU {cpu}: {e}");
-                        }
+                    if let Some(cpu) = cpu
+                        && let Err(e) = sys::pin_current_thread(cpu)
+                    {
+                        log::warn!("worker {id}: pin to CPU {cpu}: {e}");
                     }
                     worker.run(max_events)
                 })
                 .map_err(|e| Error::io("spawn worker thread", e))?;
             workers.push(WorkerHandle {
-                tx,
-                waker,
                 thread: Some(thread),
+            });
+            links.push(WorkerLink {
+                tx: Mutex::new(tx),
+                waker,
             });
             stats.push(wstats);
         }
+        drop(access_tx);
 
-        let health_stop = Arc::new(AtomicBool::new(false));
-        let health_thread = if health_targets.is_empty() {
-            None
-        } else {
-            Some(
-                health::spawn_checker(health_targets, health_stop.clone())
-                    .map_err(|e| Error::io("spawn health checker", e))?,
-            )
+        let health = start_health(&apps)?;
+        let state = Arc::new(State {
+            apps: Mutex::new(apps),
+            workers: stats,
+            links,
+            shared,
+            ready: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            reloads: Default::default(),
+            started: Instant::now(),
+            start_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            max_conns,
+        });
+        let admin = match config.admin {
+            Some(addr) => Some(metrics::AdminServer::start(addr, state.clone())?),
+            None => None,
         };
 
-        let mut i = 0;
-        for app in &config.apps {
-            let targets: Vec<&str> = app.targets.iter().map(|t| t.name.as_str()).collect();
-            for _ in &app.listen {
-                log::info!(
-                    "app '{}' listening on {} -> {} ({})",
-                    app.name,
-                    local_addrs[i],
-                    targets.join(", "),
-                    app.balance.as_str()
-                );
-                i += 1;
-            }
-        }
+        log_listeners(&config, &bound, &[]);
         log::info!(
             "epoxy {} started: {} worker(s), max_conns {}, buffer {} B (worst-case buffer memory {} MiB), fd limit {}",
             env!("CARGO_PKG_VERSION"),
@@ -220,45 +369,170 @@ impl Proxy {
             (max_conns * 2 * config.buffer_size) >> 20,
             nofile
         );
+        if let Some(a) = &admin {
+            log::info!("admin endpoint on http://{}/metrics", a.addr());
+        }
 
         Ok(Proxy {
             workers,
-            stats,
-            shared,
-            local_addrs,
-            started: Instant::now(),
+            state,
+            bound,
             config,
-            health_stop,
-            health_thread,
+            nworkers,
+            health,
+            access_thread,
+            admin,
             failed: Mutex::new(Vec::new()),
         })
     }
 
     /// The bound listener addresses (port 0 resolved), in config order.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.local_addrs.clone()
+        self.bound.iter().map(|(_, a)| *a).collect()
+    }
+
+    /// The admin endpoint's address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr())
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    fn send(&self, make: impl Fn() -> Command) {
-        for w in &self.workers {
-            if w.tx.send(make()).is_ok() {
-                let _ = w.waker.wake();
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Apply a new configuration (SIGHUP): new listeners are bound first (a failure leaves
+    /// everything as it was), then every worker switches to the new apps; live pairs are
+    /// untouched, removed listeners close, unchanged targets keep their health state.
+    pub fn reload(&mut self, new: Config) -> Result<(), Error> {
+        let res = self.try_reload(new);
+        let slot = if res.is_ok() { 0 } else { 1 };
+        self.state.reloads[slot].fetch_add(1, Ordering::Relaxed);
+        res
+    }
+
+    /// Count a reload that failed before reaching the runtime (e.g. a config error).
+    pub fn count_failed_reload(&self) {
+        self.state.reloads[1].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn try_reload(&mut self, new: Config) -> Result<(), Error> {
+        if self.state.draining.load(Ordering::Relaxed) {
+            return Err(Error::runtime("shutting down; reload ignored"));
+        }
+        let carry = Carry::from_apps(&self.state.apps());
+        let apps: Vec<Arc<AppRuntime>> = new
+            .apps
+            .iter()
+            .map(|a| Arc::new(AppRuntime::new(a.clone(), self.nworkers, &carry)))
+            .collect();
+        // Listeners: keep those whose configured address stays; bind the new ones now.
+        let mut keep = Vec::new();
+        let mut per_worker: Vec<Vec<NewListener>> =
+            (0..self.nworkers).map(|_| Vec::new()).collect();
+        let mut bound = Vec::new();
+        let mut added = Vec::new();
+        for (app_idx, app) in new.apps.iter().enumerate() {
+            for &addr in &app.listen {
+                if let Some(&(c, a)) = self.bound.iter().find(|(c, _)| *c == addr) {
+                    keep.push((addr, app_idx));
+                    bound.push((c, a));
+                    continue;
+                }
+                let (actual, socks) = bind_all(addr, new.backlog, self.nworkers)?;
+                bound.push((addr, actual));
+                added.push(addr);
+                for (list, sock) in per_worker.iter_mut().zip(socks) {
+                    list.push(NewListener {
+                        sock,
+                        cfg_addr: addr,
+                        app: app_idx,
+                    });
+                }
             }
         }
+        let removed: Vec<SocketAddr> = self
+            .bound
+            .iter()
+            .filter(|(c, _)| !bound.iter().any(|(n, _)| n == c))
+            .map(|(_, a)| *a)
+            .collect();
+        for (link, add) in self.state.links.iter().zip(per_worker) {
+            link.send(Command::Reload {
+                apps: apps.clone(),
+                keep: keep.clone(),
+                add,
+            });
+        }
+        // Health checks follow the new target set (states of unchanged targets carried).
+        if let Some((stop, t)) = self.health.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = t.join();
+        }
+        self.health = start_health(&apps)?;
+        if let Ok(mut cur) = self.state.apps.lock() {
+            *cur = apps;
+        }
+        for g in ["workers", "max_conns", "buffer_size", "max_events"] {
+            let changed = match g {
+                "workers" => new.workers != self.config.workers,
+                "max_conns" => new.max_conns != self.config.max_conns,
+                "buffer_size" => new.buffer_size != self.config.buffer_size,
+                _ => new.max_events != self.config.max_events,
+            };
+            if changed {
+                log::warn!("reload: '{g}' changed; it takes effect only after a restart");
+            }
+        }
+        log_listeners(&new, &bound, &added);
+        for r in &removed {
+            log::info!("listener {r} removed; its live connections continue");
+        }
+        self.bound = bound;
+        let keep_runtime = (
+            self.config.workers,
+            self.config.max_conns,
+            self.config.buffer_size,
+        );
+        self.config = Config {
+            workers: keep_runtime.0,
+            max_conns: keep_runtime.1,
+            buffer_size: keep_runtime.2,
+            max_events: self.config.max_events,
+            ..new
+        };
+        log::info!(
+            "configuration reloaded: {} app(s), {} listener(s)",
+            self.config.apps.len(),
+            self.bound.len()
+        );
+        Ok(())
+    }
+
+    fn send(&self, make: impl Fn() -> Command) {
+        for l in &self.state.links {
+            l.send(make());
+        }
+    }
+
+    /// Mark not ready (readyz 503) without closing anything yet: the start of a drain.
+    pub fn begin_drain(&self) {
+        self.state.draining.store(true, Ordering::Relaxed);
     }
 
     /// Stop accepting now; live pairs get the configured grace period. Non-blocking.
     pub fn shutdown(&self) {
+        self.begin_drain();
         let grace = self.config.grace;
         self.send(|| Command::Drain { grace });
     }
 
     /// Close everything now. Non-blocking.
     pub fn stop_now(&self) {
+        self.begin_drain();
         self.send(|| Command::Stop);
     }
 
@@ -271,11 +545,7 @@ impl Proxy {
 
     /// Current totals.
     pub fn summary(&self) -> Summary {
-        Summary::collect(
-            self.stats.iter().map(|s| s.as_ref()),
-            &self.shared,
-            self.started.elapsed(),
-        )
+        self.state.summary()
     }
 
     /// Errors of workers that stopped abnormally (after `join`).
@@ -306,8 +576,16 @@ impl Proxy {
                 }
             }
         }
-        self.health_stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.health_thread.take() {
+        self.state.ready.store(false, Ordering::Relaxed);
+        if let Some((stop, t)) = self.health.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = t.join();
+        }
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+        // Workers hold the only senders; with them gone the access-log thread drains and ends.
+        if let Some(t) = self.access_thread.take() {
             let _ = t.join();
         }
         if let Ok(mut f) = self.failed.lock() {
@@ -320,10 +598,10 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         if self.workers.iter().any(|w| w.thread.is_some()) {
             self.stop_now();
-            self.join_threads();
         }
+        self.join_threads();
     }
 }
 
-/// How long `main` waits between checks of worker exit while handling signals.
+/// How often `main` checks for worker exit and periodic work while handling signals.
 pub const CONTROL_TICK: Duration = Duration::from_millis(100);

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod net;
 pub mod stats;
 pub mod sys;

@@ -56,6 +56,8 @@ pub struct WorkerStats {
     pub connect_fail: [Counter; ConnectFail::COUNT],
     pub accept_pauses: [Counter; PauseCause::COUNT],
     pub closed: [Counter; CloseReason::COUNT],
+    /// Access-log records dropped because the log writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 impl WorkerStats {

@@ -39,7 +39,11 @@ impl Worker {
         if self.shared.active() >= self.max_conns {
             self.limit_paused = true;
             self.count_pause(PauseCause::Limit);
-            log::debug!("worker {}: max_conns {} reached, pausing accept", self.id, self.max_conns);
+            log::debug!(
+                "worker {}: max_conns {} reached, pausing accept",
+                self.id,
+                self.max_conns
+            );
             return false;
         }
         if self.app_paused[app] {
@@ -102,23 +106,33 @@ impl Worker {
         if self.pairs.len() >= self.pairs.capacity() {
             // Cannot happen while the global limit holds (capacity = max_conns); refuse
             // loudly rather than grow the slab on the hot path.
-            log::warn!("worker {}: pair table full; closing new client {addr}", self.id);
+            log::warn!(
+                "worker {}: pair table full; closing new client {addr}",
+                self.id
+            );
             self.stats.closed[super::pair::CloseReason::Internal as usize].add(1);
             return;
         }
         self.shared.open();
-        self.apps[app].active.fetch_add(1, Relaxed);
+        let app_rt = self.apps[app].clone();
+        app_rt.counters.active.fetch_add(1, Relaxed);
+        app_rt.counters.total.fetch_add(1, Relaxed);
         self.stats.accepted.add(1);
         let entry = self.pairs.vacant_entry();
         let idx = entry.key();
-        entry.insert(Pair::new(sock, addr, app, self.now));
+        entry.insert(Pair::new(sock, addr, app_rt, self.now));
         self.connecting += 1;
         self.stats.set_active(self.pairs.len());
         let registry = self.poll.registry();
         let pair = &mut self.pairs[idx];
         let want = mio::Interest::READABLE;
-        Worker::set_interest(registry, &mut pair.client, token::pair(idx, Side::Client), want);
-        self.choose_candidates(idx);
+        Worker::set_interest(
+            registry,
+            &mut pair.client,
+            token::pair(idx, Side::Client),
+            want,
+        );
+        self.choose_candidates(idx, app);
         self.start_connect(idx);
     }
 
@@ -126,11 +140,11 @@ impl Worker {
     /// back-off.
     pub(super) fn maybe_resume_accepting(&mut self) {
         let mut resume = false;
-        if let Some(until) = self.emfile_until {
-            if self.now >= until {
-                self.emfile_until = None;
-                resume = true;
-            }
+        if let Some(until) = self.emfile_until
+            && self.now >= until
+        {
+            self.emfile_until = None;
+            resume = true;
         }
         if self.limit_paused && self.shared.active() <= resume_mark(self.max_conns) {
             self.limit_paused = false;

@@ -14,23 +14,25 @@ use crate::net;
 
 impl Worker {
     /// Fill the pair's candidate list (balancer order; up targets first).
-    pub(super) fn choose_candidates(&mut self, idx: usize) {
+    pub(super) fn choose_candidates(&mut self, idx: usize, app_idx: usize) {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
-        let app = &self.apps[pair.app];
+        let app = &pair.app;
         let now_ms = health::now_ms();
         let targets = &app.targets;
         let up = |i: usize| targets.get(i).is_some_and(|t| t.health.is_up(now_ms));
-        let active = |i: usize| targets.get(i).map_or(0, |t| t.active.load(Relaxed));
-        let all_down = self.balancers[pair.app].candidates(
-            pair.client_addr.ip(),
-            &up,
-            &active,
-            &mut self.scratch,
-        );
+        let active = |i: usize| targets.get(i).map_or(0, |t| t.active());
+        let Some(balancer) = self.balancers.get_mut(app_idx) else {
+            pair.ncand = 0;
+            return;
+        };
+        let all_down = balancer.candidates(pair.client_addr.ip(), &up, &active, &mut self.scratch);
         if all_down {
-            log::debug!("app '{}': every target is down; trying all (fail open)", app.cfg.name);
+            log::debug!(
+                "app '{}': every target is down; trying all (fail open)",
+                app.cfg.name
+            );
         }
         let limit = app
             .cfg
@@ -56,14 +58,14 @@ impl Worker {
             }
             let target = pair.cand[pair.attempt as usize] as usize;
             pair.target = target;
-            let app = &self.apps[pair.app];
+            let app = &pair.app;
             let Some(t) = app.targets.get(target) else {
                 pair.attempt += 1;
                 continue;
             };
             match net::connect_nonblocking(t.cfg.addr) {
                 Ok(sock) => {
-                    t.active.fetch_add(1, Relaxed);
+                    t.counters.active.fetch_add(1, Relaxed);
                     pair.target_counted = true;
                     pair.upstream.sock = Some(sock);
                     pair.upstream.readable = false;
@@ -125,7 +127,8 @@ impl Worker {
         self.connecting -= 1;
         pair.upstream.writable = true;
         pair.last_active = self.now;
-        if let Some(t) = self.apps[pair.app].targets.get(pair.target) {
+        pair.connect_time = self.now.saturating_duration_since(pair.connect_started);
+        if let Some(t) = pair.app.targets.get(pair.target) {
             t.health.on_connect_ok();
         }
         self.relay(idx);
@@ -136,8 +139,9 @@ impl Worker {
         let Some(pair) = self.pairs.get(idx) else {
             return;
         };
-        let app = &self.apps[pair.app];
+        let app = &pair.app;
         if let Some(t) = app.targets.get(pair.target) {
+            t.counters.connect_errors[fail as usize].fetch_add(1, Relaxed);
             if t.health.on_connect_fail(health::now_ms(), &app.cfg.health) {
                 log::warn!(
                     "app '{}' target {} is DOWN ({} connect failures in a row, last: {})",
@@ -156,15 +160,15 @@ impl Worker {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
-        if let Some(mut sock) = pair.upstream.sock.take() {
-            if pair.upstream.interest.take().is_some() {
-                let _ = self.poll.registry().deregister(&mut sock);
-            }
+        if let Some(mut sock) = pair.upstream.sock.take()
+            && pair.upstream.interest.take().is_some()
+        {
+            let _ = self.poll.registry().deregister(&mut sock);
         }
         if pair.target_counted {
             pair.target_counted = false;
-            if let Some(t) = self.apps[pair.app].targets.get(pair.target) {
-                t.active.fetch_sub(1, Relaxed);
+            if let Some(t) = pair.app.targets.get(pair.target) {
+                t.counters.active.fetch_sub(1, Relaxed);
             }
         }
         pair.attempt += 1;

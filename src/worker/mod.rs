@@ -13,7 +13,8 @@ pub mod token;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Registry, Token};
@@ -32,12 +33,55 @@ pub enum Command {
     Drain { grace: Duration },
     /// Close everything now and exit.
     Stop,
+    /// Switch to a new generation of apps. Listeners whose configured address is in `keep`
+    /// stay open and serve the app given there; the others close; `add` are new listeners.
+    /// Live pairs are untouched.
+    Reload {
+        apps: Vec<Arc<AppRuntime>>,
+        keep: Vec<(SocketAddr, usize)>,
+        add: Vec<NewListener>,
+    },
+    /// Describe the live pairs (for the admin endpoint).
+    Connections(SyncSender<Vec<ConnInfo>>),
+}
+
+/// A listener handed to a worker: the socket, the address as configured, and its app.
+pub struct NewListener {
+    pub sock: std::net::TcpListener,
+    pub cfg_addr: SocketAddr,
+    pub app: usize,
+}
+
+/// One live pair, as the admin endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub worker: usize,
+    pub client: SocketAddr,
+    pub app: String,
+    pub target: Option<String>,
+    pub state: &'static str,
+    pub age: Duration,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// One closed pair, for the access log (formatted off the worker thread).
+pub struct AccessRecord {
+    pub app: Arc<AppRuntime>,
+    pub client: SocketAddr,
+    pub target: Option<usize>,
+    pub duration: Duration,
+    pub connect_time: Duration,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub reason: CloseReason,
 }
 
 /// A listening socket owned by this worker.
 pub struct Listener {
     pub sock: mio::net::TcpListener,
-    pub addr: SocketAddr,
+    /// As configured (port 0 stays 0): the key a reload matches on.
+    pub cfg_addr: SocketAddr,
     pub app: usize,
     /// Sticky readiness: set by an event, cleared only by `WouldBlock`.
     pub readable: bool,
@@ -46,7 +90,7 @@ pub struct Listener {
 /// What a worker needs to start.
 pub struct WorkerSetup {
     pub id: usize,
-    pub listeners: Vec<(std::net::TcpListener, usize)>,
+    pub listeners: Vec<NewListener>,
     pub apps: Vec<Arc<AppRuntime>>,
     pub max_conns: usize,
     pub buffer_size: usize,
@@ -54,7 +98,8 @@ pub struct WorkerSetup {
     pub stats: Arc<WorkerStats>,
     pub shared: Arc<Shared>,
     pub commands: Receiver<Command>,
-    pub cpu: Option<usize>,
+    /// Where closed pairs are reported when an app has the access log on.
+    pub access_log: Option<SyncSender<AccessRecord>>,
 }
 
 pub struct Worker {
@@ -89,6 +134,7 @@ pub struct Worker {
     /// Pairs in `Connecting` (the timer only needs to run while some are, or idle timeouts).
     pub(crate) connecting: usize,
     pub(crate) idle_timeouts: bool,
+    pub(crate) access_log: Option<SyncSender<AccessRecord>>,
 }
 
 /// How often the coarse timer scans pairs when it has work.
@@ -99,32 +145,17 @@ pub const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
 impl Worker {
     pub fn new(setup: WorkerSetup, poll: Poll) -> io::Result<Worker> {
         let now = Instant::now();
-        let max_targets = setup.apps.iter().map(|a| a.targets.len()).max().unwrap_or(1);
-        let mut listeners = Vec::with_capacity(setup.listeners.len());
-        for (i, (l, app)) in setup.listeners.into_iter().enumerate() {
-            let addr = l.local_addr()?;
-            let mut sock = mio::net::TcpListener::from_std(l);
-            poll.registry()
-                .register(&mut sock, token::listener(i), Interest::READABLE)?;
-            listeners.push(Some(Listener {
-                sock,
-                addr,
-                app,
-                readable: true,
-            }));
-        }
-        let seed = (setup.id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ now.elapsed().as_nanos() as u64
-            ^ std::process::id() as u64;
-        let balancers = setup
+        let max_targets = setup
             .apps
             .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                let weights: Vec<u32> = a.targets.iter().map(|t| t.cfg.weight).collect();
-                Balancer::new(a.cfg.balance, &weights, seed ^ i as u64)
-            })
-            .collect();
+            .map(|a| a.targets.len())
+            .max()
+            .unwrap_or(1);
+        let mut listeners = Vec::with_capacity(setup.listeners.len());
+        for (i, l) in setup.listeners.into_iter().enumerate() {
+            listeners.push(Some(register_listener(&poll, l, i)?));
+        }
+        let balancers = make_balancers(setup.id, &setup.apps);
         let idle_timeouts = setup.apps.iter().any(|a| a.cfg.idle_timeout.is_some());
         Ok(Worker {
             id: setup.id,
@@ -150,6 +181,7 @@ impl Worker {
             next_tick: now,
             connecting: 0,
             idle_timeouts,
+            access_log: setup.access_log,
         })
     }
 
@@ -211,6 +243,10 @@ impl Worker {
             match self.commands.try_recv() {
                 Ok(Command::Drain { grace }) => self.start_drain(grace),
                 Ok(Command::Stop) => self.stop = true,
+                Ok(Command::Reload { apps, keep, add }) => self.on_reload(apps, keep, add),
+                Ok(Command::Connections(reply)) => {
+                    let _ = reply.try_send(self.connections());
+                }
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     // The control side is gone: behave as an immediate stop.
@@ -290,34 +326,37 @@ impl Worker {
         if pair.state == PairState::Closed {
             return;
         }
-        if pair.state == PairState::Connecting {
+        let was_connecting = pair.state == PairState::Connecting;
+        if was_connecting {
             self.connecting -= 1;
         }
-        pair.state = PairState::Closed;
         pair.reason = reason;
         for half in [&mut pair.client, &mut pair.upstream] {
-            if let Some(mut sock) = half.sock.take() {
-                if half.interest.take().is_some() {
-                    let _ = self.poll.registry().deregister(&mut sock);
-                }
+            if let Some(mut sock) = half.sock.take()
+                && half.interest.take().is_some()
+            {
+                let _ = self.poll.registry().deregister(&mut sock);
             }
         }
         pair.up.buf.release(&mut self.pool, true);
         pair.down.buf.release(&mut self.pool, true);
-        let app = &self.apps[pair.app];
+        let app = &pair.app;
         if pair.target_counted {
             pair.target_counted = false;
             if let Some(t) = app.targets.get(pair.target) {
-                t.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                t.counters.active.fetch_sub(1, Relaxed);
             }
         }
-        app.active
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let c = &app.counters;
+        c.active.fetch_sub(1, Relaxed);
+        c.closed[reason as usize].fetch_add(1, Relaxed);
         self.shared.close();
         self.stats.closed[reason as usize].add(1);
         if pair.up.read != pair.up.written || pair.down.read != pair.down.written {
-            log::debug!(
-                "pair {} closed ({}) with undelivered bytes: up {}/{} down {}/{}",
+            c.truncated[reason as usize].fetch_add(1, Relaxed);
+            log::warn!(
+                "app '{}': connection {} closed ({}) with bytes read but not delivered: client->upstream {}/{}, upstream->client {}/{}",
+                app.cfg.name,
                 pair.client_addr,
                 reason.as_str(),
                 pair.up.written,
@@ -325,6 +364,24 @@ impl Worker {
                 pair.down.written,
                 pair.down.read
             );
+        }
+        pair.state = PairState::Closed;
+        if app.cfg.access_log
+            && let Some(tx) = &self.access_log
+        {
+            let rec = AccessRecord {
+                app: app.clone(),
+                client: pair.client_addr,
+                target: (!was_connecting).then_some(pair.target),
+                duration: self.now.saturating_duration_since(pair.started),
+                connect_time: pair.connect_time,
+                bytes_up: pair.up.written,
+                bytes_down: pair.down.written,
+                reason,
+            };
+            if let Err(TrySendError::Full(_)) = tx.try_send(rec) {
+                self.stats.access_log_dropped.add(1);
+            }
         }
         self.closing.push(idx);
     }
@@ -356,5 +413,97 @@ impl Worker {
 
     pub(crate) fn count_pause(&self, cause: PauseCause) {
         self.stats.accept_pauses[cause as usize].add(1);
+    }
+}
+
+fn register_listener(poll: &Poll, l: NewListener, i: usize) -> io::Result<Listener> {
+    let mut sock = mio::net::TcpListener::from_std(l.sock);
+    poll.registry()
+        .register(&mut sock, token::listener(i), Interest::READABLE)?;
+    Ok(Listener {
+        sock,
+        cfg_addr: l.cfg_addr,
+        app: l.app,
+        readable: true,
+    })
+}
+
+fn make_balancers(worker: usize, apps: &[Arc<AppRuntime>]) -> Vec<Balancer> {
+    let seed = (worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ std::process::id() as u64;
+    apps.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let weights: Vec<u32> = a.targets.iter().map(|t| t.cfg.weight).collect();
+            Balancer::new(
+                a.cfg.balance,
+                &weights,
+                seed ^ (i as u64).wrapping_mul(0x100_0000_01B3),
+            )
+        })
+        .collect()
+}
+
+impl Worker {
+    /// Install a new generation of apps (see `Command::Reload`). Allocates: reload is not the
+    /// relay path.
+    fn on_reload(
+        &mut self,
+        apps: Vec<Arc<AppRuntime>>,
+        keep: Vec<(SocketAddr, usize)>,
+        add: Vec<NewListener>,
+    ) {
+        for i in 0..self.listeners.len() {
+            let Some(l) = self.listeners[i].as_mut() else {
+                continue;
+            };
+            match keep.iter().find(|(a, _)| *a == l.cfg_addr) {
+                Some(&(_, app)) => l.app = app,
+                None => {
+                    if let Some(mut l) = self.listeners[i].take() {
+                        let _ = self.poll.registry().deregister(&mut l.sock);
+                    }
+                }
+            }
+        }
+        for l in add {
+            let i = self.listeners.len();
+            let cfg_addr = l.cfg_addr;
+            match register_listener(&self.poll, l, i) {
+                Ok(l) => self.listeners.push(Some(l)),
+                Err(e) => log::error!("worker {}: register listener {cfg_addr}: {e}", self.id),
+            }
+        }
+        self.balancers = make_balancers(self.id, &apps);
+        self.app_paused = vec![false; apps.len()];
+        let max_targets = apps.iter().map(|a| a.targets.len()).max().unwrap_or(1);
+        if self.scratch.capacity() < max_targets {
+            self.scratch.reserve(max_targets - self.scratch.len());
+        }
+        self.idle_timeouts = apps.iter().any(|a| a.cfg.idle_timeout.is_some())
+            || self
+                .pairs
+                .iter()
+                .any(|(_, p)| p.app.cfg.idle_timeout.is_some());
+        self.apps = apps;
+        self.accept_all();
+    }
+
+    fn connections(&self) -> Vec<ConnInfo> {
+        self.pairs
+            .iter()
+            .filter(|(_, p)| p.state != PairState::Closed)
+            .map(|(_, p)| ConnInfo {
+                worker: self.id,
+                client: p.client_addr,
+                app: p.app.cfg.name.clone(),
+                target: (p.ncand > 0)
+                    .then(|| p.app.targets.get(p.target).map(|t| t.cfg.name.clone()))
+                    .flatten(),
+                state: p.state.as_str(),
+                age: self.now.saturating_duration_since(p.started),
+                bytes_up: p.up.written,
+                bytes_down: p.down.written,
+            })
+            .collect()
     }
 }

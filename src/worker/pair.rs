@@ -3,12 +3,14 @@
 //! why connects fail (`ConnectFail`). Never touches the poll or the slab: the worker drives it.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mio::Interest;
 use mio::net::TcpStream;
 
 use super::token::Side;
+use crate::backend::AppRuntime;
 use crate::buffer::Buffer;
 
 /// Why a pair closed. Small and `Copy`: used on the hot path.
@@ -97,7 +99,11 @@ pub enum ConnectFail {
 
 impl ConnectFail {
     pub const COUNT: usize = 3;
-    pub const ALL: [ConnectFail; 3] = [ConnectFail::Refused, ConnectFail::Timeout, ConnectFail::Other];
+    pub const ALL: [ConnectFail; 3] = [
+        ConnectFail::Refused,
+        ConnectFail::Timeout,
+        ConnectFail::Other,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectFail::Refused => "refused",
@@ -125,6 +131,17 @@ pub enum PairState {
     HalfClosed,
     /// Marked closed and queued; the slot is released after the current event batch.
     Closed,
+}
+
+impl PairState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairState::Connecting => "connecting",
+            PairState::Open => "open",
+            PairState::HalfClosed => "half_closed",
+            PairState::Closed => "closed",
+        }
+    }
 }
 
 /// One socket of a pair, with software-kept readiness.
@@ -170,7 +187,8 @@ pub struct Pair {
     pub up: Flow,
     /// upstream -> client
     pub down: Flow,
-    pub app: usize,
+    /// The app (of the config generation that accepted it; a reload does not change it).
+    pub app: Arc<AppRuntime>,
     /// Index of the target being tried or in use, within the app.
     pub target: usize,
     /// Ordered candidates (`cand[..ncand]`); `attempt` indexes the one being tried.
@@ -182,6 +200,8 @@ pub struct Pair {
     /// When the connect in flight times out.
     pub deadline: Instant,
     pub connect_started: Instant,
+    /// Time the successful connect took (zero until connected).
+    pub connect_time: Duration,
     pub last_active: Instant,
     /// Whether this pair holds the target's active-count slot.
     pub target_counted: bool,
@@ -189,7 +209,12 @@ pub struct Pair {
 }
 
 impl Pair {
-    pub fn new(client: TcpStream, client_addr: SocketAddr, app: usize, now: Instant) -> Pair {
+    pub fn new(
+        client: TcpStream,
+        client_addr: SocketAddr,
+        app: Arc<AppRuntime>,
+        now: Instant,
+    ) -> Pair {
         Pair {
             state: PairState::Connecting,
             client: Half {
@@ -210,6 +235,7 @@ impl Pair {
             started: now,
             deadline: now,
             connect_started: now,
+            connect_time: Duration::ZERO,
             last_active: now,
             target_counted: false,
             reason: CloseReason::Internal,

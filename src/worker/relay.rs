@@ -36,13 +36,13 @@ impl Worker {
             Err(_) => Ok(0),
         };
         let (up_n, down_n) = (*up.as_ref().unwrap_or(&0), *down.as_ref().unwrap_or(&0));
-        if up_n > 0 {
-            self.stats.bytes_up.add(up_n);
-        }
-        if down_n > 0 {
-            self.stats.bytes_down.add(down_n);
-        }
         if up_n + down_n > 0 {
+            self.stats.bytes_up.add(up_n);
+            self.stats.bytes_down.add(down_n);
+            if let Some(cell) = pair.app.counters.bytes.get(self.id) {
+                cell.up.add(up_n);
+                cell.down.add(down_n);
+            }
             pair.last_active = self.now;
         }
         if let Err(reason) = up.and(down) {
@@ -66,7 +66,12 @@ impl Worker {
                 pair.state = state;
                 let registry = self.poll.registry();
                 let want = pair.wanted_interest(Side::Client);
-                Worker::set_interest(registry, &mut pair.client, token::pair(idx, Side::Client), want);
+                Worker::set_interest(
+                    registry,
+                    &mut pair.client,
+                    token::pair(idx, Side::Client),
+                    want,
+                );
                 let want = pair.wanted_interest(Side::Upstream);
                 Worker::set_interest(
                     registry,

@@ -8,15 +8,18 @@ use super::{TICK, Worker};
 impl Worker {
     pub(super) fn on_tick(&mut self) {
         self.next_tick = self.now + TICK;
-        if let Some(deadline) = self.grace_deadline {
-            if self.now >= deadline {
-                let n = self.pairs.len();
-                if n > 0 {
-                    log::info!("worker {}: grace period over; closing {n} connections", self.id);
-                }
-                self.close_all(CloseReason::Shutdown);
-                return;
+        if let Some(deadline) = self.grace_deadline
+            && self.now >= deadline
+        {
+            let n = self.pairs.len();
+            if n > 0 {
+                log::info!(
+                    "worker {}: grace period over; closing {n} connections",
+                    self.id
+                );
             }
+            self.close_all(CloseReason::Shutdown);
+            return;
         }
         if self.connecting == 0 && !self.idle_timeouts {
             return;
@@ -31,10 +34,10 @@ impl Worker {
                     }
                 }
                 PairState::Open | PairState::HalfClosed => {
-                    if let Some(idle) = self.apps[pair.app].cfg.idle_timeout {
-                        if now.saturating_duration_since(pair.last_active) >= idle {
-                            self.expired.push((idx, false));
-                        }
+                    if let Some(idle) = pair.app.cfg.idle_timeout
+                        && now.saturating_duration_since(pair.last_active) >= idle
+                    {
+                        self.expired.push((idx, false));
                     }
                 }
                 PairState::Closed => {}

@@ -70,7 +70,10 @@ mod tests {
     #[test]
     fn round_trips() {
         for i in [0usize, 1, 7, 9999, 1 << 30] {
-            assert_eq!(decode(pair(i, Side::Client)), Decoded::Pair(i, Side::Client));
+            assert_eq!(
+                decode(pair(i, Side::Client)),
+                Decoded::Pair(i, Side::Client)
+            );
             assert_eq!(
                 decode(pair(i, Side::Upstream)),
                 Decoded::Pair(i, Side::Upstream)
