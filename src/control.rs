@@ -117,27 +117,56 @@ pub struct Proxy {
     failed: Mutex<Vec<String>>,
 }
 
-/// The effective global limit: the configured one (or the default), lowered to what the fd
-/// limit allows. Returns (limit, note) where note explains a lowering.
-fn effective_max_conns(cfg: &Config, nofile: u64, listeners: usize) -> (usize, Option<String>) {
+/// The effective global limit and why: the configured one (or the default), lowered to what
+/// the fd limit allows (2 fds per pair, plus a quarter pipe per pair with splice) and, inside
+/// a cgroup with a memory limit, to what keeps worst-case buffer memory under half of it.
+fn effective_max_conns(
+    cfg: &Config,
+    nofile: u64,
+    listeners: usize,
+    mem_limit: Option<u64>,
+) -> (usize, Vec<String>) {
     let want = cfg.max_conns.unwrap_or(DEFAULT_MAX_CONNS);
+    let splice = cfg.apps.iter().any(|a| a.splice);
     let reserve = FD_RESERVE + listeners as u64;
-    let fit = (nofile.saturating_sub(reserve) / 2).max(1) as usize;
-    if want > fit {
-        let note = format!(
-            "max_conns {want} needs {} file descriptors but the limit is {nofile}; using max_conns {fit}",
-            want as u64 * 2 + reserve
-        );
-        (fit, Some(note))
-    } else {
-        (want, None)
+    let usable = nofile.saturating_sub(reserve);
+    // Per pair: 2 sockets; with splice also max_conns/4 pipes of 2 fds = 0.5 fd per pair.
+    let fd_fit = if splice { usable * 2 / 5 } else { usable / 2 }.max(1) as usize;
+    let mut notes = Vec::new();
+    let mut limit = want;
+    if limit > fd_fit {
+        notes.push(format!(
+            "max_conns {limit} does not fit the open-files limit {nofile} ({} fds per pair{}); using max_conns {fd_fit}",
+            if splice { "2.5" } else { "2" },
+            if splice { " with splice pipes" } else { "" }
+        ));
+        limit = fd_fit;
     }
+    if let Some(mem) = mem_limit {
+        let per_pair = 2 * cfg.buffer_size as u64;
+        let mem_fit = ((mem / 2) / per_pair.max(1)).max(1) as usize;
+        if limit > mem_fit {
+            notes.push(format!(
+                "cgroup memory limit {} MiB: worst-case buffer memory must stay under half of it ({} B per pair); using max_conns {mem_fit}",
+                mem >> 20,
+                per_pair
+            ));
+            limit = mem_fit;
+        }
+    }
+    (limit, notes)
 }
 
 fn worker_count(w: Workers) -> usize {
     match w {
         Workers::Count(n) => n.max(1),
-        Workers::Auto => sys::allowed_cpus().map(|c| c.len()).unwrap_or(1).max(1),
+        Workers::Auto => {
+            let cpus = sys::allowed_cpus().map(|c| c.len()).unwrap_or(1).max(1);
+            match sys::cgroup_cpu_quota() {
+                Some(q) => cpus.min(q.ceil().max(1.0) as usize),
+                None => cpus,
+            }
+        }
     }
 }
 
@@ -238,14 +267,28 @@ impl Proxy {
         let nofile = sys::raise_nofile_limit().unwrap_or(1024);
         let nworkers = worker_count(config.workers);
         let nlisten: usize = config.apps.iter().map(|a| a.listen.len()).sum();
-        let (max_conns, note) = effective_max_conns(&config, nofile, nlisten * nworkers);
-        if let Some(note) = note {
+        let mem_limit = sys::cgroup_memory_limit();
+        let (max_conns, notes) =
+            effective_max_conns(&config, nofile, nlisten * nworkers, mem_limit);
+        for note in notes {
             if config.max_conns.is_some() {
                 log::warn!("{note}");
             } else {
                 log::info!("{note}");
             }
         }
+        if matches!(config.workers, Workers::Auto) {
+            log::info!(
+                "workers auto: {nworkers} (usable CPUs {:?}, cgroup CPU quota {:?})",
+                sys::allowed_cpus().map(|c| c.len()).ok(),
+                sys::cgroup_cpu_quota()
+            );
+        }
+        let pipe_budget = if config.apps.iter().any(|a| a.splice) {
+            (max_conns / 4).max(16).div_ceil(nworkers)
+        } else {
+            0
+        };
         if !config.cpu_pin.is_empty() {
             let allowed = sys::allowed_cpus().unwrap_or_default();
             for cpu in &config.cpu_pin {
@@ -313,6 +356,7 @@ impl Proxy {
                 shared: shared.clone(),
                 commands: rx,
                 access_log: access_tx.clone(),
+                pipe_budget,
             };
             let max_events = config.max_events;
             let mut worker =

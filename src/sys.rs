@@ -79,3 +79,102 @@ pub fn process_cpu_seconds() -> f64 {
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
+
+/// A kernel pipe for splice(2): read end, write end. Both non-blocking and close-on-exec.
+#[derive(Debug)]
+pub struct Pipe {
+    pub r: std::os::fd::OwnedFd,
+    pub w: std::os::fd::OwnedFd,
+}
+
+/// Create a non-blocking pipe.
+pub fn pipe() -> io::Result<Pipe> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (r, w) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    Ok(Pipe { r, w })
+}
+
+/// splice(2) up to `len` bytes from `fd_in` to `fd_out` without blocking.
+pub fn splice(
+    fd_in: std::os::fd::RawFd,
+    fd_out: std::os::fd::RawFd,
+    len: usize,
+) -> io::Result<usize> {
+    // SAFETY: plain syscall on caller-provided fds with null offsets (both are pipes or
+    // sockets); no memory is passed to the kernel.
+    let n = unsafe {
+        libc::splice(
+            fd_in,
+            std::ptr::null_mut(),
+            fd_out,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Read a cgroup v2 (or v1) file of this process as trimmed text.
+fn cgroup_file(v2: &str, v1: &str) -> Option<String> {
+    let base = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_string()))
+        })
+        .unwrap_or_default();
+    let mut candidates = vec![
+        format!("/sys/fs/cgroup{base}/{v2}"),
+        format!("/sys/fs/cgroup/{v2}"),
+    ];
+    candidates.push(format!("/sys/fs/cgroup/{v1}"));
+    candidates
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+}
+
+/// The cgroup CPU quota in CPUs (e.g. 1.5), if one is set.
+pub fn cgroup_cpu_quota() -> Option<f64> {
+    let text = cgroup_file("cpu.max", "cpu/cpu.cfs_quota_us")?;
+    let mut it = text.split_whitespace();
+    let quota = it.next()?;
+    if quota == "max" || quota == "-1" {
+        return None;
+    }
+    let quota: f64 = quota.parse().ok()?;
+    let period: f64 = match it.next() {
+        Some(p) => p.parse().ok()?,
+        // cgroup v1: the period is in a file of its own.
+        None => std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?,
+    };
+    (quota > 0.0 && period > 0.0).then_some(quota / period)
+}
+
+/// The cgroup memory limit in bytes, if one is set.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let text = cgroup_file("memory.max", "memory/memory.limit_in_bytes")?;
+    let v: u64 = text.parse().ok()?;
+    // cgroup v1 reports "no limit" as a huge number.
+    (v < (1u64 << 60)).then_some(v)
+}

@@ -120,7 +120,10 @@ impl Worker {
         self.stats.accepted.add(1);
         let entry = self.pairs.vacant_entry();
         let idx = entry.key();
-        entry.insert(Pair::new(sock, addr, app_rt, self.now));
+        let splice = app_rt.cfg.splice;
+        let mut pair = Pair::new(sock, addr, app_rt, self.now);
+        pair.splice = splice;
+        entry.insert(pair);
         self.connecting += 1;
         self.stats.set_active(self.pairs.len());
         let registry = self.poll.registry();

@@ -100,6 +100,8 @@ pub struct WorkerSetup {
     pub commands: Receiver<Command>,
     /// Where closed pairs are reported when an app has the access log on.
     pub access_log: Option<SyncSender<AccessRecord>>,
+    /// Most kernel pipes this worker may hold for splice (2 fds each).
+    pub pipe_budget: usize,
 }
 
 pub struct Worker {
@@ -107,6 +109,7 @@ pub struct Worker {
     pub(crate) poll: Poll,
     pub(crate) pairs: Slab<Pair>,
     pub(crate) pool: BufPool,
+    pub(crate) pipes: relay::PipePool,
     pub(crate) listeners: Vec<Option<Listener>>,
     pub(crate) apps: Vec<Arc<AppRuntime>>,
     pub(crate) balancers: Vec<Balancer>,
@@ -162,6 +165,7 @@ impl Worker {
             poll,
             pairs: Slab::with_capacity(setup.max_conns),
             pool: BufPool::new(setup.max_conns * 2, setup.buffer_size),
+            pipes: relay::PipePool::new(setup.pipe_budget),
             listeners,
             app_paused: vec![false; setup.apps.len()],
             apps: setup.apps,
@@ -340,6 +344,12 @@ impl Worker {
         }
         pair.up.buf.release(&mut self.pool, true);
         pair.down.buf.release(&mut self.pool, true);
+        for flow in [&mut pair.up, &mut pair.down] {
+            if let Some(p) = flow.pipe.take() {
+                self.pipes.give(p, flow.piped == 0);
+                flow.piped = 0;
+            }
+        }
         let app = &pair.app;
         if pair.target_counted {
             pair.target_counted = false;

@@ -166,9 +166,19 @@ pub struct Flow {
     pub shut: bool,
     pub read: u64,
     pub written: u64,
+    /// The kernel pipe of the splice path, held only while bytes are in it.
+    pub pipe: Option<crate::sys::Pipe>,
+    /// Bytes sitting in `pipe`. Invariant: only one of `buf` and `pipe` holds bytes.
+    pub piped: usize,
 }
 
 impl Flow {
+    /// Bytes read from the source and not yet written to the destination.
+    #[inline]
+    pub fn pending(&self) -> usize {
+        self.buf.pending() + self.piped
+    }
+
     /// EOF seen and forwarded: this direction is over.
     pub fn done(&self) -> bool {
         self.shut
@@ -206,6 +216,8 @@ pub struct Pair {
     /// Whether this pair holds the target's active-count slot.
     pub target_counted: bool,
     pub reason: CloseReason,
+    /// Relay with splice(2) (turned off for good if the kernel refuses it for this pair).
+    pub splice: bool,
 }
 
 impl Pair {
@@ -239,6 +251,7 @@ impl Pair {
             last_active: now,
             target_counted: false,
             reason: CloseReason::Internal,
+            splice: false,
         }
     }
 
@@ -260,7 +273,7 @@ impl Pair {
             Side::Client => (&self.client, &self.down),
             Side::Upstream => (&self.upstream, &self.up),
         };
-        if !inbound.buf.is_empty() && !half.writable {
+        if inbound.pending() > 0 && !half.writable {
             Interest::READABLE | Interest::WRITABLE
         } else {
             Interest::READABLE

@@ -2,15 +2,19 @@
 //! holds, then reads more only when its buffer is empty (so memory per pair is bounded by one
 //! buffer per direction), until `WouldBlock`, EOF, an error, or the destination blocks
 //! (backpressure: the source's readiness stays set and resumes on the destination's next
-//! writable edge). EOF is forwarded as shutdown(Write) once flushed. No allocation.
+//! writable edge). EOF is forwarded as shutdown(Write) once flushed. With splice on, the
+//! same loop moves bytes socket -> pipe -> socket in the kernel instead; a flow holds either a
+//! buffer or a pipe with bytes, never both, so order is kept. No allocation.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 
 use super::Worker;
 use super::pair::{CloseReason, Flow, Half, PairState};
 use super::token::{self, Side};
 use crate::buffer::BufPool;
+use crate::sys::{self, Pipe};
 
 impl Worker {
     /// Move whatever can move in both directions, then settle state and interest.
@@ -23,6 +27,8 @@ impl Worker {
             &mut pair.upstream,
             &mut pair.up,
             &mut self.pool,
+            &mut self.pipes,
+            &mut pair.splice,
             Side::Client,
         );
         let down = match up {
@@ -31,6 +37,8 @@ impl Worker {
                 &mut pair.client,
                 &mut pair.down,
                 &mut self.pool,
+                &mut self.pipes,
+                &mut pair.splice,
                 Side::Upstream,
             ),
             Err(_) => Ok(0),
@@ -84,13 +92,76 @@ impl Worker {
     }
 }
 
-/// Move bytes from `src` to `dst` through `flow`. Returns the bytes written to `dst`, or why
-/// the pair must close.
+/// Pipes for the splice path: a per-worker free list plus a budget of live pipes (each costs
+/// two file descriptors). When the budget is spent a flow simply uses its buffer instead.
+pub struct PipePool {
+    free: Vec<Pipe>,
+    /// Pipes alive (free or held by flows).
+    live: usize,
+    budget: usize,
+}
+
+/// Most bytes one splice call moves into a pipe (the pipe's capacity bounds it anyway).
+const SPLICE_CHUNK: usize = 1 << 20;
+/// Free pipes kept for reuse.
+const PIPE_FREE_MAX: usize = 64;
+
+impl PipePool {
+    pub fn new(budget: usize) -> PipePool {
+        PipePool {
+            free: Vec::with_capacity(PIPE_FREE_MAX.min(budget)),
+            live: 0,
+            budget,
+        }
+    }
+
+    fn take(&mut self) -> Option<Pipe> {
+        if let Some(p) = self.free.pop() {
+            return Some(p);
+        }
+        if self.live >= self.budget {
+            return None;
+        }
+        match sys::pipe() {
+            Ok(p) => {
+                self.live += 1;
+                Some(p)
+            }
+            Err(e) => {
+                log::debug!("pipe: {e}; relaying through the buffer");
+                None
+            }
+        }
+    }
+
+    /// Return an empty pipe (or one whose bytes are abandoned: it is closed then).
+    pub fn give(&mut self, pipe: Pipe, empty: bool) {
+        if empty && self.free.len() < self.free.capacity() {
+            self.free.push(pipe);
+        } else {
+            self.live -= 1;
+        }
+    }
+}
+
+/// Whether a splice error means "the kernel will not splice this" (fall back to buffers)
+/// rather than a peer error.
+fn splice_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+    )
+}
+
+/// Move bytes from `src` to `dst` through `flow` (its buffer, or its pipe when `splice` is
+/// on). Returns the bytes written to `dst`, or why the pair must close.
 fn pump(
     src: &mut Half,
     dst: &mut Half,
     flow: &mut Flow,
     pool: &mut BufPool,
+    pipes: &mut PipePool,
+    splice: &mut bool,
     src_side: Side,
 ) -> Result<u64, CloseReason> {
     let dst_side = src_side.other();
@@ -107,6 +178,29 @@ fn pump(
                 Ok(0) => break Err(CloseReason::from_io(dst_side, io::ErrorKind::WriteZero)),
                 Ok(n) => {
                     flow.buf.consumed(n);
+                    flow.written += n as u64;
+                    moved += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dst.writable = false;
+                    break Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(CloseReason::from_io(dst_side, e.kind())),
+            }
+            continue;
+        }
+        if flow.piped > 0 {
+            if !dst.writable {
+                break Ok(());
+            }
+            let (Some(sock), Some(pipe)) = (dst.sock.as_ref(), flow.pipe.as_ref()) else {
+                break Err(CloseReason::Internal);
+            };
+            match sys::splice(pipe.r.as_raw_fd(), sock.as_raw_fd(), flow.piped) {
+                Ok(0) => break Err(CloseReason::from_io(dst_side, io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    flow.piped -= n;
                     flow.written += n as u64;
                     moved += n as u64;
                 }
@@ -136,6 +230,31 @@ fn pump(
         let Some(sock) = src.sock.as_mut() else {
             break Err(CloseReason::Internal);
         };
+        if *splice {
+            if flow.pipe.is_none() {
+                flow.pipe = pipes.take();
+            }
+            if let Some(pipe) = flow.pipe.as_ref() {
+                match sys::splice(sock.as_raw_fd(), pipe.w.as_raw_fd(), SPLICE_CHUNK) {
+                    Ok(0) => flow.eof = true,
+                    Ok(n) => {
+                        flow.piped = n;
+                        flow.read += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        src.readable = false;
+                        break Ok(());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if splice_unsupported(&e) => {
+                        log::debug!("splice refused ({e}); this pair falls back to buffers");
+                        *splice = false;
+                    }
+                    Err(e) => break Err(CloseReason::from_io(src_side, e.kind())),
+                }
+                continue;
+            }
+        }
         let Some(space) = flow.buf.space(pool) else {
             // Pool exhausted (cannot happen: it holds two buffers per pair slot). Leave the
             // readiness set; the next event retries.
@@ -156,5 +275,10 @@ fn pump(
         }
     };
     flow.buf.release(pool, false);
+    if flow.piped == 0
+        && let Some(p) = flow.pipe.take()
+    {
+        pipes.give(p, true);
+    }
     result.map(|()| moved)
 }
