@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use resolve::{load_file, parse_duration, ConfigError, Overrides};
+pub use resolve::{ConfigError, Overrides, load_file, parse_duration};
 
 /// Load-balancing policy of an app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

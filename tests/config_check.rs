@@ -1,0 +1,328 @@
+//! `proxy --check -c FILE` end to end: every shipped example passes with "ok" and exit 0; a
+//! table of broken files in all three formats each fails with exit 2 and one message that
+//! names the file, the line (where the format has lines) and the key — never a panic.
+//! Uses only std: the files go to a fresh directory under the system temp dir.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Run `proxy --check -c path`: (exit code, stdout, stderr).
+fn check(path: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .arg("--check")
+        .arg("-c")
+        .arg(path)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run proxy --check");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A fresh directory for this test run's files.
+fn scratch_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "epoxy-config-check-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// One broken file: its name (the extension picks the format), its text, the key the error
+/// must name (`None`: no key applies) and the line it must name (`None`: no line).
+struct Bad {
+    file: &'static str,
+    text: &'static str,
+    key: Option<&'static str>,
+    line: Option<usize>,
+}
+
+const fn bad(
+    file: &'static str,
+    text: &'static str,
+    key: Option<&'static str>,
+    line: Option<usize>,
+) -> Bad {
+    Bad {
+        file,
+        text,
+        key,
+        line,
+    }
+}
+
+const BAD: &[Bad] = &[
+    // ---- TOML
+    bad(
+        "unknown-app-key.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\nmax_con = 3\n",
+        Some("max_con"),
+        Some(5),
+    ),
+    bad(
+        "unknown-defaults-key.toml",
+        "[defaults]\nworkerz = 2\n\n[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("workerz"),
+        Some(2),
+    ),
+    bad(
+        "unknown-health-key.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\n[app.health]\nintervall = \"1s\"\n",
+        Some("intervall"),
+        Some(6),
+    ),
+    bad(
+        "wrong-type.toml",
+        "[[app]]\nname = \"web\"\nports = [\"19000\"]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("ports"),
+        Some(3),
+    ),
+    bad(
+        "syntax.toml",
+        "[[app]]\nname = \"web\nports = [19000]\n",
+        None,
+        Some(2),
+    ),
+    bad(
+        "empty-targets.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = []\n",
+        Some("targets"),
+        Some(4),
+    ),
+    bad(
+        "duplicate-name.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\n\n[[app]]\nname = \"web\"\nports = [19002]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("name"),
+        Some(7),
+    ),
+    bad(
+        "same-listen.toml",
+        "[[app]]\nname = \"a\"\nlisten = [\"127.0.0.1:19000\"]\ntargets = [\"127.0.0.1:19001\"]\n\n[[app]]\nname = \"b\"\nlisten = [\"127.0.0.1:19000\"]\ntargets = [\"127.0.0.1:19002\"]\n",
+        Some("listen"),
+        Some(8),
+    ),
+    bad(
+        "port-range.toml",
+        "[[app]]\nname = \"web\"\nports = [70000]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("ports"),
+        Some(3),
+    ),
+    bad(
+        "listen-port-zero.toml",
+        "[[app]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("listen"),
+        Some(3),
+    ),
+    bad(
+        "bad-duration.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\nconnect_timeout = \"5 parsecs\"\n",
+        Some("connect_timeout"),
+        Some(5),
+    ),
+    bad(
+        "unresolvable.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\n  \"127.0.0.1:19001\",\n  \"no-such-host.invalid:80\",\n]\n",
+        Some("targets"),
+        Some(6),
+    ),
+    bad(
+        "bad-balance.toml",
+        "[defaults]\nbalance = \"fastest\"\n[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("balance"),
+        Some(2),
+    ),
+    bad(
+        "weight-zero.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [{ addr = \"127.0.0.1:19001\", weight = 0 }]\n",
+        Some("weight"),
+        Some(4),
+    ),
+    bad(
+        "rise-zero.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\n[app.health]\ninterval = \"1s\"\nrise = 0\n",
+        Some("rise"),
+        Some(7),
+    ),
+    bad(
+        "buffer-size.toml",
+        "[defaults]\nbuffer_size = 100\n[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("buffer_size"),
+        Some(2),
+    ),
+    bad(
+        "no-name.toml",
+        "[[app]]\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("name"),
+        Some(1),
+    ),
+    bad(
+        "no-apps.toml",
+        "[defaults]\nworkers = 1\n",
+        Some("app"),
+        None,
+    ),
+    bad(
+        "target-is-self.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19000\"]\n",
+        Some("targets"),
+        Some(4),
+    ),
+    // ---- JSON
+    bad(
+        "unknown-key.json",
+        "{\"Apps\": [\n  {\"Name\": \"x\",\n   \"Ports\": [19000],\n   \"Target\": [\"127.0.0.1:19001\"]}\n]}\n",
+        Some("Target"),
+        Some(4),
+    ),
+    bad(
+        "empty-targets.json",
+        "{\"Apps\": [\n  {\"Name\": \"x\",\n   \"Ports\": [19000],\n   \"Targets\": []}\n]}\n",
+        Some("Targets"),
+        Some(4),
+    ),
+    bad(
+        "port-range.json",
+        "{\"Apps\": [\n  {\"Name\": \"x\",\n   \"Ports\": [19000, 65536],\n   \"Targets\": [\"127.0.0.1:19001\"]}\n]}\n",
+        Some("Ports"),
+        Some(3),
+    ),
+    bad(
+        "duplicate-name.json",
+        "{\"Apps\": [\n  {\"Name\": \"x\", \"Ports\": [19000], \"Targets\": [\"127.0.0.1:19001\"]},\n  {\"Name\": \"x\", \"Ports\": [19002], \"Targets\": [\"127.0.0.1:19001\"]}\n]}\n",
+        Some("Name"),
+        Some(3),
+    ),
+    bad(
+        "wrong-type.json",
+        "{\"Apps\": [\n  {\"Name\": \"x\",\n   \"Ports\": \"19000\",\n   \"Targets\": [\"127.0.0.1:19001\"]}\n]}\n",
+        Some("Ports"),
+        Some(3),
+    ),
+    bad(
+        "unresolvable.json",
+        "{\"Apps\": [\n  {\"Name\": \"x\",\n   \"Ports\": [19000],\n   \"Targets\": [\"no-such-host.invalid:80\"]}\n]}\n",
+        Some("Targets"),
+        Some(4),
+    ),
+    // ---- pipe lines
+    bad(
+        "duplicate-port.conf",
+        "# two lines, one port\n19000 | 127.0.0.1 | 19001\n19000 | 127.0.0.1 | 19002\n",
+        Some("local_port"),
+        Some(3),
+    ),
+    bad(
+        "local-port-range.conf",
+        "\n99999 | 127.0.0.1 | 19001\n",
+        Some("local_port"),
+        Some(2),
+    ),
+    bad(
+        "remote-port.conf",
+        "19000 | 127.0.0.1 | http   # not a number\n",
+        Some("remote_port"),
+        Some(1),
+    ),
+    bad(
+        "unresolvable.conf",
+        "19000 | 127.0.0.1 | 19001\n19002 | no-such-host.invalid | 80\n",
+        Some("remote_host"),
+        Some(2),
+    ),
+    // ---- any other extension
+    bad("proxy.yaml", "apps: []\n", None, None),
+];
+
+#[test]
+fn check_accepts_every_example_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("read config/") {
+        let path = entry.expect("config/ entry").path();
+        if !path.is_file() {
+            continue;
+        }
+        let (code, stdout, stderr) = check(&path);
+        assert_eq!(
+            code,
+            Some(0),
+            "{}: stdout {stdout:?} stderr {stderr:?}",
+            path.display()
+        );
+        assert!(stdout.contains("ok"), "{}: {stdout:?}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 3, "proxy.toml, apps.json and forwarder.conf");
+}
+
+#[test]
+fn check_rejects_bad_configs_naming_file_line_and_key() {
+    assert!(BAD.len() >= 15);
+    let dir = scratch_dir();
+    let mut failures = Vec::new();
+    for case in BAD {
+        let path = dir.join(case.file);
+        std::fs::write(&path, case.text).expect("write bad config");
+        let (code, stdout, stderr) = check(&path);
+        let all = format!("{stdout}{stderr}");
+        let shown = path.display().to_string();
+        let mut why = Vec::new();
+        if code != Some(2) {
+            why.push(format!("exit {code:?}, want 2"));
+        }
+        if all.contains("panicked") {
+            why.push("panicked".to_string());
+        }
+        // One line names it all: "FILE[:LINE]: [app 'A': ][key 'K': ]message".
+        match all.lines().find(|l| l.contains(&shown)) {
+            None => why.push("no line names the file".to_string()),
+            Some(msg) => {
+                if let Some(line) = case.line {
+                    let want = format!("{shown}:{line}:");
+                    if !msg.contains(&want) {
+                        why.push(format!("want {want:?}"));
+                    }
+                }
+                if let Some(key) = case.key {
+                    // TOML keys may be shown with their table ("defaults.balance").
+                    let plain = format!("key '{key}'");
+                    let dotted = format!(".{key}'");
+                    if !msg.contains(&plain) && !msg.contains(&dotted) {
+                        why.push(format!("want key '{key}'"));
+                    }
+                }
+            }
+        }
+        if !why.is_empty() {
+            failures.push(format!(
+                "{}: {} -- output: {all:?}",
+                case.file,
+                why.join(", ")
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let path = scratch_dir().join("absent.toml");
+    let (code, stdout, stderr) = check(&path);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(format!("{stdout}{stderr}").contains(&path.display().to_string()));
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
