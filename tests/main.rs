@@ -2,6 +2,10 @@
 //! started in this process (see `util`). The allocation test lives apart in `alloc.rs`
 //! because it installs its own global allocator.
 
-mod core;
-mod util;
 mod config_check;
+mod core;
+mod routing;
+// Shared helpers; each test module uses only some of them.
+#[allow(dead_code)]
+mod util;
+mod observe;

@@ -36,7 +36,9 @@ impl Worker {
         if self.limit_paused {
             return false;
         }
-        if self.shared.active() >= self.max_conns {
+        // The slab also holds pairs closed in this batch until it ends: count them too, so an
+        // accepted client always finds a slot.
+        if self.shared.active() >= self.max_conns || self.pairs.len() >= self.pairs.capacity() {
             self.limit_paused = true;
             self.count_pause(PauseCause::Limit);
             log::debug!(

@@ -215,6 +215,8 @@ impl Worker {
             if self.now >= self.next_tick {
                 self.on_tick();
             }
+            // Free the slots first: admission must see them as free.
+            self.release_closed();
             self.maybe_resume_accepting();
             self.release_closed();
             if self.stop {
@@ -335,6 +337,22 @@ impl Worker {
             self.connecting -= 1;
         }
         pair.reason = reason;
+        // A reset is passed on as a reset, so the other peer can tell a truncated stream from
+        // a complete one (a plain close would look like a clean end).
+        let abort_other = match reason {
+            CloseReason::ClientReset | CloseReason::ClientError => Some(Side::Upstream),
+            CloseReason::UpstreamReset | CloseReason::UpstreamError => Some(Side::Client),
+            CloseReason::Done
+            | CloseReason::NoBackend
+            | CloseReason::IdleTimeout
+            | CloseReason::Shutdown
+            | CloseReason::Internal => None,
+        };
+        if let Some(side) = abort_other
+            && let Some(sock) = pair.half(side).sock.as_ref()
+        {
+            let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
+        }
         for half in [&mut pair.client, &mut pair.upstream] {
             if let Some(mut sock) = half.sock.take()
                 && half.interest.take().is_some()

@@ -1,0 +1,211 @@
+//! Design rule 3.7: nothing allocates between two `poll()` calls. This binary installs a
+//! counting global allocator, embeds the proxy through the library API, and relays echo
+//! traffic on an already-open connection while counting the allocations made on the proxy's
+//! worker threads (`epoxy-worker-N`). The test's own code keeps its buffers pre-allocated.
+
+#[path = "util/counting_alloc.rs"]
+mod counting_alloc;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use counting_alloc::CountingAlloc;
+use epoxy::config::{AppConfig, Config, TargetConfig};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc::new();
+
+const CHUNK: usize = 64 * 1024;
+const WINDOW_BYTES: usize = 32 << 20;
+
+/// An echo upstream on 127.0.0.1:0: one thread per connection, fixed buffer.
+fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+    let addr = l.local_addr().expect("echo addr");
+    thread::Builder::new()
+        .name("echo-accept".into())
+        .spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                let _ = s.set_write_timeout(Some(Duration::from_secs(60)));
+                let _ = s.set_nodelay(true);
+                let _ = thread::Builder::new()
+                    .name("echo-conn".into())
+                    .spawn(move || {
+                        let mut buf = vec![0u8; CHUNK];
+                        loop {
+                            match s.read(&mut buf) {
+                                Ok(0) | Err(_) => {
+                                    let _ = s.shutdown(Shutdown::Write);
+                                    return;
+                                }
+                                Ok(n) => {
+                                    if s.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    });
+            }
+        })
+        .expect("spawn echo accept");
+    addr
+}
+
+fn client(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect proxy");
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for b in buf.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
+/// Echoes `total` bytes in `send`-sized chunks; returns how many chunks came back wrong.
+/// Does not allocate (fixed buffers, std sockets, no formatting).
+fn echo_bytes(s: &mut TcpStream, send: &[u8], back: &mut [u8], total: usize) -> Result<usize, ()> {
+    let mut bad = 0usize;
+    let mut done = 0usize;
+    while done < total {
+        if s.write_all(send).is_err() {
+            return Err(());
+        }
+        if s.read_exact(back).is_err() {
+            return Err(());
+        }
+        if back != send {
+            bad += 1;
+        }
+        done += send.len();
+    }
+    Ok(bad)
+}
+
+fn worker_threads() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read(e.path().join("comm"))
+                .map(|c| c.starts_with(counting_alloc::WORKER_PREFIX))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[test]
+fn relay_does_not_allocate_on_worker_threads() {
+    let upstream = echo_upstream();
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = Config {
+        apps: vec![AppConfig::new(
+            "a",
+            vec![listen],
+            vec![TargetConfig::new(upstream)],
+        )],
+        max_conns: Some(100),
+        ..Config::default()
+    };
+    let proxy = epoxy::Proxy::start(config).expect("start proxy");
+    let addrs = proxy.local_addrs();
+    assert_eq!(addrs.len(), 1, "one listener expected: {addrs:?}");
+    let addr = addrs[0];
+    assert_ne!(addr.port(), 0, "local_addrs must resolve port 0");
+
+    // Without a named worker thread the count below would be vacuous. A new thread sets its
+    // OS name itself as it starts, so give it a moment (bounded).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while worker_threads() == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        worker_threads() >= 1,
+        "no thread named epoxy-worker-* in this process"
+    );
+
+    // The counter must see allocations on a thread with that name.
+    ALLOC.start_window();
+    thread::Builder::new()
+        .name("epoxy-worker-selftest".into())
+        .spawn(|| {
+            let v: Vec<u8> = Vec::with_capacity(4096);
+            std::hint::black_box(v);
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    let (seen, _) = ALLOC.end_window();
+    assert!(
+        seen >= 1,
+        "counting allocator missed an allocation on a worker-named thread"
+    );
+
+    let mut send = vec![0u8; CHUNK];
+    let mut back = vec![0u8; CHUNK];
+    fill(&mut send, 0xA110C);
+
+    // Warm-up: a few connections and a few MiB.
+    for i in 0..4 {
+        let mut c = client(addr);
+        let bad = echo_bytes(&mut c, &send, &mut back, 1 << 20).expect("warm-up echo");
+        assert_eq!(bad, 0, "warm-up connection {i} echoed different bytes");
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut one = [0u8; 1];
+        assert_eq!(c.read(&mut one).expect("EOF after warm-up"), 0);
+    }
+    let mut c = client(addr);
+    let bad = echo_bytes(&mut c, &send, &mut back, 2 << 20).expect("warm-up on measured conn");
+    assert_eq!(bad, 0);
+
+    // The window: 32 MiB of echo on the open connection.
+    ALLOC.start_window();
+    let res = echo_bytes(&mut c, &send, &mut back, WINDOW_BYTES);
+    let (on_workers, elsewhere) = ALLOC.end_window();
+
+    assert_eq!(
+        res,
+        Ok(0),
+        "echo through the proxy failed or returned different bytes"
+    );
+    eprintln!(
+        "allocations during {} MiB of relay: {on_workers} on worker threads, {elsewhere} elsewhere",
+        WINDOW_BYTES >> 20
+    );
+    assert_eq!(
+        on_workers, 0,
+        "the proxy's worker threads allocated {on_workers} times while relaying"
+    );
+
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut one = [0u8; 1];
+    assert_eq!(c.read(&mut one).expect("EOF at the end"), 0);
+    drop(c);
+
+    proxy.shutdown();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let summary = proxy.join();
+        let _ = tx.send(summary);
+    });
+    let summary = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("proxy did not stop within 10 s of shutdown()");
+    let expected = (WINDOW_BYTES + (4 << 20) + (2 << 20)) as u64;
+    assert_eq!(summary.bytes_client_to_upstream, expected);
+    assert_eq!(summary.bytes_upstream_to_client, expected);
+}
