@@ -15,6 +15,8 @@ test:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --release
+	# The core data-plane tests once more against two worker loops (SO_REUSEPORT).
+	EPOXY_TEST_WORKERS=2 $(CARGO) test --release --test main core::
 
 bench: build
 	bash bench/run.sh

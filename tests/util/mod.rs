@@ -195,6 +195,13 @@ pub fn proxy_args(backend: SocketAddr, extra: &[&str]) -> Vec<String> {
         backend.port().to_string(),
     ];
     v.extend(extra.iter().map(|s| s.to_string()));
+    // `EPOXY_TEST_WORKERS=2 cargo test` runs the same tests against several worker loops.
+    if let Ok(w) = std::env::var("EPOXY_TEST_WORKERS")
+        && !extra.contains(&"--workers")
+    {
+        v.push("--workers".into());
+        v.push(w);
+    }
     v
 }
 
