@@ -167,40 +167,28 @@ fn pump(
     let dst_side = src_side.other();
     let mut moved = 0u64;
     let result = loop {
-        if !flow.buf.is_empty() {
+        // 1. Flush what this direction holds (buffer or pipe; never both).
+        if flow.pending() > 0 {
             if !dst.writable {
                 break Ok(());
             }
             let Some(sock) = dst.sock.as_mut() else {
                 break Err(CloseReason::Internal);
             };
-            match sock.write(flow.buf.data(pool)) {
-                Ok(0) => break Err(CloseReason::from_io(dst_side, io::ErrorKind::WriteZero)),
-                Ok(n) => {
-                    flow.buf.consumed(n);
-                    flow.written += n as u64;
-                    moved += n as u64;
+            let res = match flow.pipe.as_ref() {
+                Some(pipe) if flow.piped > 0 => {
+                    sys::splice(pipe.r.as_raw_fd(), sock.as_raw_fd(), flow.piped)
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dst.writable = false;
-                    break Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(CloseReason::from_io(dst_side, e.kind())),
-            }
-            continue;
-        }
-        if flow.piped > 0 {
-            if !dst.writable {
-                break Ok(());
-            }
-            let (Some(sock), Some(pipe)) = (dst.sock.as_ref(), flow.pipe.as_ref()) else {
-                break Err(CloseReason::Internal);
+                _ => sock.write(flow.buf.data(pool)),
             };
-            match sys::splice(pipe.r.as_raw_fd(), sock.as_raw_fd(), flow.piped) {
+            match res {
                 Ok(0) => break Err(CloseReason::from_io(dst_side, io::ErrorKind::WriteZero)),
                 Ok(n) => {
-                    flow.piped -= n;
+                    if flow.piped > 0 {
+                        flow.piped -= n;
+                    } else {
+                        flow.buf.consumed(n);
+                    }
                     flow.written += n as u64;
                     moved += n as u64;
                 }
@@ -213,6 +201,7 @@ fn pump(
             }
             continue;
         }
+        // 2. Empty and the source has ended: forward the EOF once.
         if flow.eof {
             if !flow.shut {
                 if let Some(sock) = dst.sock.as_ref() {
@@ -224,46 +213,36 @@ fn pump(
             }
             break Ok(());
         }
+        // 3. Empty: read more, into the pipe (splice) or the buffer.
         if !src.readable {
             break Ok(());
         }
         let Some(sock) = src.sock.as_mut() else {
             break Err(CloseReason::Internal);
         };
-        if *splice {
-            if flow.pipe.is_none() {
-                flow.pipe = pipes.take();
-            }
-            if let Some(pipe) = flow.pipe.as_ref() {
-                match sys::splice(sock.as_raw_fd(), pipe.w.as_raw_fd(), SPLICE_CHUNK) {
-                    Ok(0) => flow.eof = true,
-                    Ok(n) => {
-                        flow.piped = n;
-                        flow.read += n as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        src.readable = false;
-                        break Ok(());
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if splice_unsupported(&e) => {
-                        log::debug!("splice refused ({e}); this pair falls back to buffers");
-                        *splice = false;
-                    }
-                    Err(e) => break Err(CloseReason::from_io(src_side, e.kind())),
-                }
-                continue;
-            }
+        if *splice && flow.pipe.is_none() {
+            flow.pipe = pipes.take();
         }
-        let Some(space) = flow.buf.space(pool) else {
-            // Pool exhausted (cannot happen: it holds two buffers per pair slot). Leave the
-            // readiness set; the next event retries.
-            break Ok(());
+        let via_pipe = *splice && flow.pipe.is_some();
+        let res = match flow.pipe.as_ref() {
+            Some(pipe) if via_pipe => {
+                sys::splice(sock.as_raw_fd(), pipe.w.as_raw_fd(), SPLICE_CHUNK)
+            }
+            _ => match flow.buf.space(pool) {
+                Some(space) => sock.read(space),
+                // Pool exhausted (cannot happen: it holds two buffers per pair slot). Leave
+                // the readiness set; the next event retries.
+                None => break Ok(()),
+            },
         };
-        match sock.read(space) {
+        match res {
             Ok(0) => flow.eof = true,
             Ok(n) => {
-                flow.buf.filled(n);
+                if via_pipe {
+                    flow.piped = n;
+                } else {
+                    flow.buf.filled(n);
+                }
                 flow.read += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -271,6 +250,10 @@ fn pump(
                 break Ok(());
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if via_pipe && splice_unsupported(&e) => {
+                log::debug!("splice refused ({e}); this pair falls back to buffers");
+                *splice = false;
+            }
             Err(e) => break Err(CloseReason::from_io(src_side, e.kind())),
         }
     };
