@@ -70,6 +70,14 @@ impl Balancer {
     /// Built once per app per worker (allocation allowed here). `weights[i] >= 1` for target
     /// `i` (0 counts as 1). `seed` seeds the random policy.
     pub fn new(policy: Balance, weights: &[u32], seed: u64) -> Balancer {
+        let keys: Vec<u64> = (0..weights.len() as u64).collect();
+        Balancer::with_keys(policy, weights, &keys, seed)
+    }
+
+    /// Like `new`, with a stable identity per target (e.g. a hash of its name) that places
+    /// its source-hash ring points: then adding or removing a target elsewhere in the list
+    /// (a reload) moves only that target's clients. `keys.len()` must equal `weights.len()`.
+    pub fn with_keys(policy: Balance, weights: &[u32], keys: &[u64], seed: u64) -> Balancer {
         let weights: Vec<u32> = weights
             .iter()
             .take(MAX_TARGETS)
@@ -77,7 +85,7 @@ impl Balancer {
             .collect();
         let n = weights.len();
         let ring = if policy == Balance::SourceHash {
-            build_ring(&weights)
+            build_ring(&weights, keys)
         } else {
             Vec::new()
         };
@@ -285,14 +293,15 @@ impl Balancer {
     }
 }
 
-/// Ring points: `weight * per` points per target, each the hash of (target, replica).
-fn build_ring(weights: &[u32]) -> Vec<(u64, u16)> {
+/// Ring points: `weight * per` points per target, each the hash of (target key, replica).
+fn build_ring(weights: &[u32], keys: &[u64]) -> Vec<(u64, u16)> {
     let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
     let per = (MAX_RING / total.max(1)).clamp(1, POINTS_PER_WEIGHT);
     let mut ring = Vec::with_capacity((total * per) as usize);
     for (i, &w) in weights.iter().enumerate() {
         for r in 0..u64::from(w) * per {
-            let point = mix64(mix64((i as u64) << 32 | r) ^ 0xC0FF_EE00_D15E_A5E5);
+            let key = keys.get(i).copied().unwrap_or(i as u64);
+            let point = mix64(mix64(key) ^ mix64(r) ^ 0xC0FF_EE00_D15E_A5E5);
             ring.push((point, i as u16));
         }
     }

@@ -4,8 +4,9 @@
 
 mod config_check;
 mod core;
+mod observe;
 mod routing;
+mod scale;
 // Shared helpers; each test module uses only some of them.
 #[allow(dead_code)]
 mod util;
-mod observe;

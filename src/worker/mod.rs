@@ -323,7 +323,7 @@ impl Worker {
         }
     }
 
-    /// Mark a pair closed: sockets deregistered and closed, buffers returned, counters updated;
+    /// Mark a pair closed: buffers returned, counters updated, sockets deregistered and closed;
     /// the slot itself is freed after the batch (`release_closed`).
     pub(crate) fn close(&mut self, idx: usize, reason: CloseReason) {
         let Some(pair) = self.pairs.get_mut(idx) else {
@@ -337,29 +337,6 @@ impl Worker {
             self.connecting -= 1;
         }
         pair.reason = reason;
-        // A reset is passed on as a reset, so the other peer can tell a truncated stream from
-        // a complete one (a plain close would look like a clean end).
-        let abort_other = match reason {
-            CloseReason::ClientReset | CloseReason::ClientError => Some(Side::Upstream),
-            CloseReason::UpstreamReset | CloseReason::UpstreamError => Some(Side::Client),
-            CloseReason::Done
-            | CloseReason::NoBackend
-            | CloseReason::IdleTimeout
-            | CloseReason::Shutdown
-            | CloseReason::Internal => None,
-        };
-        if let Some(side) = abort_other
-            && let Some(sock) = pair.half(side).sock.as_ref()
-        {
-            let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
-        }
-        for half in [&mut pair.client, &mut pair.upstream] {
-            if let Some(mut sock) = half.sock.take()
-                && half.interest.take().is_some()
-            {
-                let _ = self.poll.registry().deregister(&mut sock);
-            }
-        }
         pair.up.buf.release(&mut self.pool, true);
         pair.down.buf.release(&mut self.pool, true);
         for flow in [&mut pair.up, &mut pair.down] {
@@ -409,6 +386,30 @@ impl Worker {
             };
             if let Err(TrySendError::Full(_)) = tx.try_send(rec) {
                 self.stats.access_log_dropped.add(1);
+            }
+        }
+        // Counters first, sockets last: whoever sees the close sees it counted.
+        // A reset is passed on as a reset, so the other peer can tell a truncated stream from
+        // a complete one (a plain close would look like a clean end).
+        let abort_other = match reason {
+            CloseReason::ClientReset | CloseReason::ClientError => Some(Side::Upstream),
+            CloseReason::UpstreamReset | CloseReason::UpstreamError => Some(Side::Client),
+            CloseReason::Done
+            | CloseReason::NoBackend
+            | CloseReason::IdleTimeout
+            | CloseReason::Shutdown
+            | CloseReason::Internal => None,
+        };
+        if let Some(side) = abort_other
+            && let Some(sock) = pair.half(side).sock.as_ref()
+        {
+            let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
+        }
+        for half in [&mut pair.client, &mut pair.upstream] {
+            if let Some(mut sock) = half.sock.take()
+                && half.interest.take().is_some()
+            {
+                let _ = self.poll.registry().deregister(&mut sock);
             }
         }
         self.closing.push(idx);
@@ -462,9 +463,15 @@ fn make_balancers(worker: usize, apps: &[Arc<AppRuntime>]) -> Vec<Balancer> {
         .enumerate()
         .map(|(i, a)| {
             let weights: Vec<u32> = a.targets.iter().map(|t| t.cfg.weight).collect();
-            Balancer::new(
+            let keys: Vec<u64> = a
+                .targets
+                .iter()
+                .map(|t| fnv1a(t.cfg.name.as_bytes()))
+                .collect();
+            Balancer::with_keys(
                 a.cfg.balance,
                 &weights,
+                &keys,
                 seed ^ (i as u64).wrapping_mul(0x100_0000_01B3),
             )
         })
@@ -534,4 +541,12 @@ impl Worker {
             })
             .collect()
     }
+}
+
+/// FNV-1a: a stable hash of a target's name, so its source-hash ring points do not depend on
+/// its position in the list.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

@@ -1,0 +1,1013 @@
+//! Routing through config files (issue 3): several apps and ports, balancing policies
+//! (round-robin, weights, least-conn, source-hash), failover, passive and active health,
+//! per-app limits, and the seed-shaped JSON and pipe formats.
+//!
+//! Targets are "id servers": on accept they write one identifying byte, then echo. Config files
+//! cannot use port 0, so each test picks free ports, writes them in the file and retries the
+//! whole start when a port was taken in the meantime. Every wait has a deadline.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers local to this file
+// ---------------------------------------------------------------------------------------------
+
+/// A config file in the temp directory, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(ext: &str, contents: &str) -> TempFile {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!(
+            "epoxy-routing-{}-{n}-{}.{ext}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        ));
+        let f = TempFile(path);
+        f.write(contents);
+        f
+    }
+
+    fn write(&self, contents: &str) {
+        fs::write(&self.0, contents).expect("write config file");
+    }
+
+    fn path(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// A proxy started from a config file with free ports written in it.
+struct Started {
+    proxy: ProxyHandle,
+    file: TempFile,
+    ports: Vec<u16>,
+    admin: Option<SocketAddr>,
+}
+
+/// `nports` distinct ports that were free a moment ago.
+fn free_ports(nports: usize) -> Vec<u16> {
+    let mut v: Vec<u16> = Vec::with_capacity(nports);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while v.len() < nports {
+        assert!(Instant::now() < deadline, "cannot find free ports");
+        let p = free_port();
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    v
+}
+
+/// The admin address from the `admin endpoint on http://ADDR/metrics` log line.
+fn admin_addr_of(text: &str) -> Option<SocketAddr> {
+    let key = "admin endpoint on http://";
+    let i = text.find(key)?;
+    let rest = &text[i + key.len()..];
+    rest.split('/').next()?.parse().ok()
+}
+
+/// Starts `proxy -c FILE` (extension `ext`, contents `make(ports)`) plus `extra` flags and,
+/// when `admin`, `--admin 127.0.0.1:0`. Waits for `listeners` listening lines (and the admin
+/// line). Retries with new ports when a port was taken meanwhile.
+fn start_cfg(
+    ext: &str,
+    nports: usize,
+    listeners: usize,
+    extra: &[&str],
+    admin: bool,
+    make: &dyn Fn(&[u16]) -> String,
+) -> Started {
+    let mut last_err = String::new();
+    for _attempt in 0..5 {
+        let ports = free_ports(nports);
+        let file = TempFile::new(ext, &make(&ports));
+        let mut cmd = Command::new(PROXY_BIN);
+        cmd.arg("-c").arg(file.path()).args(extra);
+        if admin {
+            cmd.args(["--admin", "127.0.0.1:0"]);
+        }
+        let mut h = ProxyHandle::spawn_raw(cmd);
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let text = h.stderr_text();
+            let admin_addr = admin_addr_of(&text);
+            if h.addrs().len() >= listeners && (!admin || admin_addr.is_some()) {
+                return Started {
+                    proxy: h,
+                    file,
+                    ports,
+                    admin: admin_addr,
+                };
+            }
+            if h.has_exited() {
+                let _ = h.wait_exit(Duration::from_secs(2));
+                last_err = h.stderr_text();
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not start within {STARTUP_TIMEOUT:?}; stderr:\n{}",
+                h.stderr_text()
+            );
+            let n = h.stderr_line_count();
+            h.wait_stderr_lines_above(n, Duration::from_millis(50));
+        }
+        if !last_err.to_lowercase().contains("in use") {
+            panic!("proxy exited at start; stderr:\n{last_err}");
+        }
+    }
+    panic!("proxy could not bind free ports after 5 attempts; last stderr:\n{last_err}");
+}
+
+/// HTTP/1.0 GET; returns (status, body).
+fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad response: {head:?}")))?;
+    Ok((status, body.to_string()))
+}
+
+fn metrics_text(admin: SocketAddr) -> String {
+    let (code, body) = http_get(admin, "/metrics").expect("GET /metrics");
+    assert_eq!(code, 200, "GET /metrics status");
+    body
+}
+
+/// Value of the sample `name{labels}` (exact label set) in a Prometheus text exposition.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    want.sort();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (n, mut got) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let inner = rest.trim_end_matches('}');
+                let got: Vec<(String, String)> = inner
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .filter_map(|kv| {
+                        let (k, v) = kv.split_once('=')?;
+                        Some((k.to_string(), v.trim_matches('"').to_string()))
+                    })
+                    .collect();
+                (n, got)
+            }
+            None => (series, Vec::new()),
+        };
+        if n != name {
+            continue;
+        }
+        got.sort();
+        if got == want {
+            return value.parse().ok();
+        }
+    }
+    None
+}
+
+/// A target that writes `id` on accept, then echoes.
+fn id_server(id: u8) -> Server {
+    Server::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), move |s, _| {
+        id_handler(s, id)
+    })
+}
+
+fn id_handler(mut s: TcpStream, id: u8) {
+    if s.write_all(&[id]).is_err() {
+        return;
+    }
+    echo_handler(s);
+}
+
+/// The same on a fixed address (a target coming back on its port); retries for up to 5 s.
+fn id_server_on(addr: SocketAddr, id: u8) -> Server {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Server::try_start(addr, move |s, _| id_handler(s, id)) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "rebind {addr}: {e}");
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Stops `srv` and waits until its port refuses connections.
+fn kill_server(srv: Server) {
+    let addr = srv.addr();
+    drop(srv);
+    let gone = wait_until(Duration::from_secs(3), || {
+        matches!(
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)),
+            Err(ref e) if e.kind() == io::ErrorKind::ConnectionRefused
+        )
+    });
+    assert!(gone, "server {addr} still accepts after being stopped");
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// Reads the target's id byte (within 5 s).
+fn read_id(s: &mut TcpStream) -> io::Result<u8> {
+    let mut b = [0u8; 1];
+    read_exact_deadline(s, &mut b, Instant::now() + Duration::from_secs(5))?;
+    Ok(b[0])
+}
+
+/// Connects to `addr`, reads the id, checks an echo; returns the stream and the id.
+fn connect_id(addr: SocketAddr) -> (TcpStream, u8) {
+    let mut c = connect(addr);
+    let id = read_id(&mut c).unwrap_or_else(|e| panic!("read id via {addr}: {e}"));
+    assert_echo(&mut c, b"ping");
+    (c, id)
+}
+
+/// Connects from source address `src` (127.0.0.x) to `to`.
+fn connect_from(src: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.bind(&SocketAddr::from((src, 0)).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    let t: TcpStream = s.into();
+    t.set_nodelay(true)?;
+    t.set_read_timeout(Some(IO_TIMEOUT))?;
+    t.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(t)
+}
+
+fn quoted_targets(servers: &[&Server]) -> String {
+    servers
+        .iter()
+        .map(|s| format!("\"{}\"", s.addr()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn exit_cleanly(mut p: ProxyHandle) -> String {
+    p.sigterm();
+    let st = p.wait_exit(Duration::from_secs(10));
+    let text = p.stderr_text();
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "proxy did not exit 0 after SIGTERM ({st:?}); stderr:\n{text}"
+    );
+    assert_no_panic(&text);
+    text
+}
+
+// ---------------------------------------------------------------------------------------------
+// Apps and ports
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn two_apps_two_ports_route_to_their_own_targets() {
+    let (a1, a2, b1, b2) = (
+        id_server(b'a'),
+        id_server(b'A'),
+        id_server(b'b'),
+        id_server(b'B'),
+    );
+    let st = start_cfg("toml", 4, 4, &[], false, &|p| {
+        format!(
+            "[[app]]\nname = \"alpha\"\nlisten = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\ntargets = [{}]\n\n\
+             [[app]]\nname = \"beta\"\nlisten = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\ntargets = [{}]\n",
+            p[0],
+            p[1],
+            quoted_targets(&[&a1, &a2]),
+            p[2],
+            p[3],
+            quoted_targets(&[&b1, &b2])
+        )
+    });
+    let mut seen_alpha = Vec::new();
+    let mut seen_beta = Vec::new();
+    for round in 0..4 {
+        for (i, &port) in st.ports.iter().enumerate() {
+            let (_c, id) = connect_id(local(port));
+            if i < 2 {
+                assert!(
+                    id == b'a' || id == b'A',
+                    "alpha port {port} (round {round}) reached target {:?}",
+                    id as char
+                );
+                seen_alpha.push(id);
+            } else {
+                assert!(
+                    id == b'b' || id == b'B',
+                    "beta port {port} (round {round}) reached target {:?}",
+                    id as char
+                );
+                seen_beta.push(id);
+            }
+        }
+    }
+    for id in [b'a', b'A'] {
+        assert!(
+            seen_alpha.contains(&id),
+            "alpha never used target {}",
+            id as char
+        );
+    }
+    for id in [b'b', b'B'] {
+        assert!(
+            seen_beta.contains(&id),
+            "beta never used target {}",
+            id as char
+        );
+    }
+    assert_eq!(a1.accepted() + a2.accepted(), 8);
+    assert_eq!(b1.accepted() + b2.accepted(), 8);
+    exit_cleanly(st.proxy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Balancing
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn round_robin_is_exactly_even() {
+    let t = [id_server(0), id_server(1), id_server(2)];
+    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
+        format!(
+            "[[app]]\nname = \"rr\"\nlisten = [\"127.0.0.1:{}\"]\nbalance = \"round-robin\"\ntargets = [{}]\n",
+            p[0],
+            quoted_targets(&[&t[0], &t[1], &t[2]])
+        )
+    });
+    let mut counts = [0usize; 3];
+    let mut order = Vec::new();
+    for _ in 0..30 {
+        let (_c, id) = connect_id(local(st.ports[0]));
+        counts[id as usize] += 1;
+        order.push(id);
+    }
+    assert_eq!(counts, [10, 10, 10], "round-robin counts (order {order:?})");
+    // Exact rotation: every window of 3 consecutive connections covers all three targets.
+    for w in order.windows(3) {
+        let mut s = w.to_vec();
+        s.sort();
+        assert_eq!(s, vec![0, 1, 2], "not a rotation: {order:?}");
+    }
+    exit_cleanly(st.proxy);
+}
+
+#[test]
+fn weights_one_to_three_respected() {
+    let (light, heavy) = (id_server(b'L'), id_server(b'H'));
+    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
+        format!(
+            "[[app]]\nname = \"weighted\"\nlisten = [\"127.0.0.1:{}\"]\n\
+             targets = [\"{}\", {{ addr = \"{}\", weight = 3 }}]\n",
+            p[0],
+            light.addr(),
+            heavy.addr()
+        )
+    });
+    const ROTATIONS: usize = 10;
+    let mut l = 0usize;
+    let mut order = String::new();
+    for n in 1..=ROTATIONS * 4 {
+        let (_c, id) = connect_id(local(st.ports[0]));
+        order.push(id as char);
+        if id == b'L' {
+            l += 1;
+        }
+        // After n connections the light target should have about n/4 of them: within 1.
+        let ideal = n as f64 / 4.0;
+        assert!(
+            (l as f64 - ideal).abs() <= 1.0,
+            "after {n} connections the weight-1 target had {l} (ideal {ideal}); order {order}"
+        );
+    }
+    assert_eq!(l, ROTATIONS, "weight-1 target share; order {order}");
+    assert_eq!(
+        heavy.accepted(),
+        3 * ROTATIONS,
+        "weight-3 target share; order {order}"
+    );
+    exit_cleanly(st.proxy);
+}
+
+#[test]
+fn least_conn_picks_target_with_fewest_live_pairs() {
+    let t = [id_server(b'A'), id_server(b'B'), id_server(b'C')];
+    let st = start_cfg("toml", 1, 1, &[], true, &|p| {
+        format!(
+            "[[app]]\nname = \"lc\"\nlisten = [\"127.0.0.1:{}\"]\nbalance = \"least-conn\"\ntargets = [{}]\n",
+            p[0],
+            quoted_targets(&[&t[0], &t[1], &t[2]])
+        )
+    });
+    let admin = st.admin.expect("admin address");
+    let addr = local(st.ports[0]);
+    let names: Vec<String> = t.iter().map(|s| s.addr().to_string()).collect();
+    let active = |i: usize| {
+        metric(
+            &metrics_text(admin),
+            "epoxy_target_connections_active",
+            &[("app", "lc"), ("target", &names[i])],
+        )
+        .unwrap_or(-1.0)
+    };
+    // Six pairs: least-conn spreads them two per target.
+    let mut held: Vec<(TcpStream, u8)> = (0..6).map(|_| connect_id(addr)).collect();
+    let mut per = [0usize; 3];
+    for (_, id) in &held {
+        per[(id - b'A') as usize] += 1;
+    }
+    assert_eq!(per, [2, 2, 2], "least-conn did not spread 6 pairs evenly");
+    // Keep 2 on A, 1 on B, 0 on C.
+    let mut drop_b = 1;
+    held.retain(|(_, id)| match id {
+        b'C' => false,
+        b'B' if drop_b > 0 => {
+            drop_b -= 1;
+            false
+        }
+        _ => true,
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || active(0) == 2.0
+            && active(1) == 1.0
+            && active(2) == 0.0),
+        "proxy never saw 2/1/0 live pairs on A/B/C: {} {} {}",
+        active(0),
+        active(1),
+        active(2)
+    );
+    let (c1, id) = connect_id(addr);
+    assert_eq!(
+        id, b'C',
+        "new pair went to {} instead of C (live A=2 B=1 C=0)",
+        id as char
+    );
+    held.push((c1, id));
+    // Now A=2, B=1, C=1: the next two go to B and C (tie), never to A.
+    for _ in 0..2 {
+        let (c, id) = connect_id(addr);
+        assert_ne!(
+            id, b'A',
+            "new pair went to A, which had the most live pairs"
+        );
+        held.push((c, id));
+    }
+    drop(held);
+    exit_cleanly(st.proxy);
+}
+
+#[test]
+fn source_hash_stable_and_moves_only_removed_targets_clients() {
+    let t = [id_server(0), id_server(1), id_server(2), id_server(3)];
+    let app = |port: u16, targets: &[&Server]| {
+        format!(
+            "[[app]]\nname = \"sh\"\nlisten = [\"127.0.0.1:{port}\"]\nbalance = \"source-hash\"\ntargets = [{}]\n",
+            quoted_targets(targets)
+        )
+    };
+    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
+        app(p[0], &[&t[0], &t[1], &t[2], &t[3]])
+    });
+    let addr = local(st.ports[0]);
+    let clients: Vec<Ipv4Addr> = (2..=33).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let pick = |src: Ipv4Addr| -> u8 {
+        let mut c = connect_from(src, addr).unwrap_or_else(|e| panic!("connect from {src}: {e}"));
+        read_id(&mut c).unwrap_or_else(|e| panic!("read id from {src}: {e}"))
+    };
+    let mut before = Vec::new();
+    for &src in &clients {
+        let first = pick(src);
+        for _ in 0..2 {
+            assert_eq!(
+                pick(src),
+                first,
+                "client {src} changed target without a config change"
+            );
+        }
+        before.push(first);
+    }
+    let mut per = [0usize; 4];
+    for &id in &before {
+        per[id as usize] += 1;
+    }
+    println!("source-hash: clients per target before removal {per:?}");
+    assert!(
+        per.iter().filter(|&&n| n > 0).count() >= 2,
+        "32 client IPs all hashed to one target: {per:?}"
+    );
+    // Remove a target that has clients, preferring one in the middle of the list (a removal
+    // that shifts the other targets' positions).
+    let removed = [1usize, 2, 0, 3]
+        .into_iter()
+        .find(|&i| per[i] > 0)
+        .expect("some target has clients");
+    let remaining: Vec<&Server> = (0..4).filter(|&i| i != removed).map(|i| &t[i]).collect();
+    st.file.write(&app(st.ports[0], &remaining));
+    let n = st.proxy.stderr_line_count();
+    send_signal(st.proxy.pid(), libc::SIGHUP).expect("SIGHUP");
+    assert!(
+        st.proxy.wait_stderr_lines_above(n, Duration::from_secs(5))
+            && st
+                .proxy
+                .wait_stderr_contains("configuration reloaded", Duration::from_secs(5)),
+        "reload not logged; stderr:\n{}",
+        st.proxy.stderr_text()
+    );
+    let mut moved_wrongly = Vec::new();
+    for (k, &src) in clients.iter().enumerate() {
+        let now = pick(src);
+        assert_ne!(
+            now, removed as u8,
+            "client {src} still reaches the removed target"
+        );
+        if before[k] as usize != removed && now != before[k] {
+            moved_wrongly.push(format!("{src}: {} -> {}", before[k], now));
+        }
+        assert_eq!(pick(src), now, "client {src} not stable after the reload");
+    }
+    assert!(
+        moved_wrongly.is_empty(),
+        "removing target {removed} moved clients of other targets: {moved_wrongly:?}"
+    );
+    exit_cleanly(st.proxy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn one_dead_target_of_three_all_300_succeed() {
+    let (a, b) = (id_server(b'a'), id_server(b'b'));
+    let dead = free_port();
+    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
+        format!(
+            "[[app]]\nname = \"fo\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\", \"127.0.0.1:{dead}\", \"{}\"]\n",
+            p[0],
+            a.addr(),
+            b.addr()
+        )
+    });
+    let addr = local(st.ports[0]);
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    for i in 0..300 {
+        let r = (|| -> io::Result<u8> {
+            let mut c = try_connect(addr, Duration::from_secs(5))?;
+            let id = read_id(&mut c)?;
+            let back = roundtrip(&mut c, b"x", Duration::from_secs(5))?;
+            if back != b"x" {
+                return Err(io::Error::other("echo differs"));
+            }
+            Ok(id)
+        })();
+        match r {
+            Ok(_) => ok += 1,
+            Err(e) => failures.push(format!("#{i}: {e}")),
+        }
+    }
+    assert_eq!(ok, 300, "failed connections: {failures:?}");
+    assert_eq!(a.accepted() + b.accepted(), 300);
+    let text = exit_cleanly(st.proxy);
+    assert_eq!(
+        summary_sub(&text, "closed", "no_backend"),
+        Some(0),
+        "no client should be counted as no_backend; stderr:\n{text}"
+    );
+}
+
+#[test]
+fn all_targets_refuse_client_closed_promptly() {
+    let (d1, d2) = (free_port(), free_port());
+    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
+        format!(
+            "[[app]]\nname = \"dead\"\nlisten = [\"127.0.0.1:{}\"]\nconnect_timeout = \"2s\"\n\
+             targets = [\"127.0.0.1:{d1}\", \"127.0.0.1:{d2}\"]\n",
+            p[0]
+        )
+    });
+    let addr = local(st.ports[0]);
+    for i in 0..5 {
+        let mut c = connect(addr);
+        let t0 = Instant::now();
+        match wait_closed(&mut c, Duration::from_secs(3)) {
+            Ok((_, 0)) => {}
+            Ok((how, n)) => panic!("client {i}: got {n} bytes before {how:?}"),
+            Err(_) => panic!("client {i} still open 3 s (connect_timeout + 1 s) later"),
+        }
+        println!("all refused: client {i} closed after {:?}", t0.elapsed());
+    }
+    let text = exit_cleanly(st.proxy);
+    assert_eq!(
+        summary_sub(&text, "closed", "no_backend"),
+        Some(5),
+        "closes not counted as no_backend; stderr:\n{text}"
+    );
+}
+
+/// A listener that completes no more handshakes: backlog 0, its queue filled by `fillers`.
+struct Blackhole {
+    _listener: socket2::Socket,
+    _fillers: Vec<TcpStream>,
+    addr: SocketAddr,
+}
+
+fn blackhole() -> Blackhole {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let l = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    l.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+        .expect("bind");
+    l.listen(0).expect("listen");
+    let addr = l
+        .local_addr()
+        .expect("local_addr")
+        .as_socket()
+        .expect("inet");
+    let mut fillers = Vec::new();
+    for i in 0..16 {
+        // The first handshake always completes (it fills the queue); give it time under load.
+        let t = if i == 0 { 3000 } else { 300 };
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(t)) {
+            Ok(s) => fillers.push(s),
+            Err(_) => {
+                return Blackhole {
+                    _listener: l,
+                    _fillers: fillers,
+                    addr,
+                };
+            }
+        }
+    }
+    panic!("could not fill the accept queue of a backlog-0 listener");
+}
+
+#[test]
+fn all_targets_silent_closed_within_connect_timeout() {
+    let bh = blackhole();
+    let st = start_cfg("toml", 1, 1, &[], true, &|p| {
+        format!(
+            "[[app]]\nname = \"silent\"\nlisten = [\"127.0.0.1:{}\"]\nconnect_timeout = \"300ms\"\ntargets = [\"{}\"]\n",
+            p[0], bh.addr
+        )
+    });
+    let addr = local(st.ports[0]);
+    let clients: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
+    let t0 = Instant::now();
+    let handles: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| thread::spawn(move || wait_closed(&mut c, Duration::from_millis(1300))))
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join().expect("waiter") {
+            Ok((_, 0)) => {}
+            Ok((how, n)) => panic!("client {i}: got {n} bytes before {how:?}"),
+            Err(_) => {
+                panic!("client {i} still open 1.3 s after connecting (connect_timeout 300ms)")
+            }
+        }
+    }
+    println!("silent target: all clients closed after {:?}", t0.elapsed());
+    let text = metrics_text(st.admin.expect("admin"));
+    let timeouts = metric(
+        &text,
+        "epoxy_connect_errors_total",
+        &[
+            ("app", "silent"),
+            ("target", &bh.addr.to_string()),
+            ("reason", "timeout"),
+        ],
+    );
+    assert!(
+        timeouts.is_some_and(|v| v >= 1.0),
+        "no connect timeout counted: {timeouts:?}"
+    );
+    // The close is counted right after the sockets are closed: allow a moment.
+    let nb = || {
+        metric(
+            &metrics_text(st.admin.expect("admin")),
+            "epoxy_closes_total",
+            &[("app", "silent"), ("reason", "no_backend")],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || nb() == Some(3.0)),
+        "no_backend closes: {:?}, want 3",
+        nb()
+    );
+    exit_cleanly(st.proxy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn passive_health_marks_down_after_fall_and_recovers() {
+    let a = id_server(b'a');
+    let b = id_server(b'b');
+    let b_addr = b.addr();
+    let st = start_cfg("toml", 1, 1, &[], true, &|p| {
+        format!(
+            "[[app]]\nname = \"pas\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\", \"{b_addr}\"]\n\
+             [app.health]\nfall = 3\ndown_time = \"3s\"\n",
+            p[0],
+            a.addr()
+        )
+    });
+    let admin = st.admin.expect("admin");
+    let addr = local(st.ports[0]);
+    let b_name = b_addr.to_string();
+    let up = || {
+        metric(
+            &metrics_text(admin),
+            "epoxy_target_up",
+            &[("app", "pas"), ("target", &b_name)],
+        )
+    };
+    assert_eq!(up(), Some(1.0), "target b should start up");
+    kill_server(b);
+    // Every client still succeeds (failover to a) while b's failures add up.
+    for i in 0..8 {
+        let (_c, id) = connect_id(addr);
+        assert_eq!(id, b'a', "connection {i} reached {:?}", id as char);
+    }
+    let down_line = format!("target {b_name} is DOWN");
+    assert!(
+        st.proxy
+            .wait_stderr_contains(&down_line, Duration::from_secs(2)),
+        "no `{down_line}` log; stderr:\n{}",
+        st.proxy.stderr_text()
+    );
+    assert_eq!(up(), Some(0.0), "epoxy_target_up of b while down");
+    let refused = metric(
+        &metrics_text(admin),
+        "epoxy_connect_errors_total",
+        &[("app", "pas"), ("target", &b_name), ("reason", "refused")],
+    );
+    assert!(
+        refused.is_some_and(|v| v >= 3.0),
+        "refused connects of b: {refused:?}"
+    );
+    // b comes back on its port; after down_time it is tried again and serves.
+    let b2 = id_server_on(b_addr, b'b');
+    assert!(
+        wait_until(Duration::from_secs(6), || up() == Some(1.0)),
+        "b not up again 6 s after its return (down_time 3s)"
+    );
+    let reached_b = wait_until(Duration::from_secs(5), || connect_id(addr).1 == b'b');
+    assert!(reached_b, "no connection reached b after it came back");
+    assert!(b2.accepted() >= 1);
+    exit_cleanly(st.proxy);
+}
+
+#[test]
+fn active_health_down_and_up_by_probes() {
+    let a = id_server(b'a');
+    let b = id_server(b'b');
+    let b_addr = b.addr();
+    let st = start_cfg("toml", 1, 1, &[], true, &|p| {
+        format!(
+            "[[app]]\nname = \"act\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\", \"{b_addr}\"]\n\
+             [app.health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n",
+            p[0],
+            a.addr()
+        )
+    });
+    let admin = st.admin.expect("admin");
+    let addr = local(st.ports[0]);
+    let b_name = b_addr.to_string();
+    let up = || {
+        metric(
+            &metrics_text(admin),
+            "epoxy_target_up",
+            &[("app", "act"), ("target", &b_name)],
+        )
+    };
+    assert_eq!(up(), Some(1.0), "target b should start up");
+    kill_server(b);
+    let t0 = Instant::now();
+    // No client traffic: only the probes can notice.
+    let down_line = format!("target {b_name} is DOWN");
+    assert!(
+        st.proxy
+            .wait_stderr_contains(&down_line, Duration::from_secs(3)),
+        "no `{down_line}` log within 3 s; stderr:\n{}",
+        st.proxy.stderr_text()
+    );
+    println!("active health: DOWN after {:?}", t0.elapsed());
+    assert_eq!(up(), Some(0.0), "epoxy_target_up of b while down");
+    for i in 0..6 {
+        let (_c, id) = connect_id(addr);
+        assert_eq!(id, b'a', "connection {i} went to the down target");
+    }
+    let b2 = id_server_on(b_addr, b'b');
+    let t1 = Instant::now();
+    let up_line = format!("target {b_name} is UP");
+    assert!(
+        st.proxy
+            .wait_stderr_contains(&up_line, Duration::from_secs(3)),
+        "no `{up_line}` log within 3 s of b's return; stderr:\n{}",
+        st.proxy.stderr_text()
+    );
+    println!("active health: UP after {:?}", t1.elapsed());
+    assert_eq!(up(), Some(1.0), "epoxy_target_up of b after rise");
+    let ids: Vec<u8> = (0..4).map(|_| connect_id(addr).1).collect();
+    assert!(
+        ids.contains(&b'b'),
+        "b gets no connections after coming back: {ids:?}"
+    );
+    assert!(b2.accepted() >= 1);
+    let text = exit_cleanly(st.proxy);
+    assert_eq!(
+        text.matches(&down_line).count(),
+        1,
+        "DOWN should be logged once; stderr:\n{text}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn per_app_limit_refuses_eleventh_while_other_app_serves() {
+    let echo = echo_server();
+    let st = start_cfg("toml", 2, 2, &[], false, &|p| {
+        format!(
+            "[[app]]\nname = \"lim\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{e}\"]\nmax_conns = 10\n\n\
+             [[app]]\nname = \"free\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{e}\"]\n",
+            p[0],
+            p[1],
+            e = echo.addr()
+        )
+    });
+    let lim = local(st.ports[0]);
+    let free = local(st.ports[1]);
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..10 {
+        let mut c = connect(lim);
+        assert_echo(&mut c, format!("conn {i}").as_bytes());
+        held.push(c);
+    }
+    // The 11th: the TCP handshake may complete in the kernel, but no echo may come back.
+    let eleventh = try_connect(lim, Duration::from_secs(2));
+    let mut pending = match eleventh {
+        Ok(mut c) => {
+            let _ = c.write_all(b"eleventh");
+            let mut buf = [0u8; 8];
+            c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            match c.read(&mut buf) {
+                Ok(n) if n > 0 => panic!("the 11th connection of app 'lim' was served"),
+                _ => {}
+            }
+            Some(c)
+        }
+        Err(_) => None,
+    };
+    // The other app still serves.
+    for i in 0..3 {
+        let mut c = connect(free);
+        assert_echo(&mut c, format!("free {i}").as_bytes());
+    }
+    // The app's own pairs still work.
+    assert_echo(&mut held[0], b"still here");
+    // Below the limit again, 'lim' accepts again (a queued 11th is served then).
+    held.clear();
+    if let Some(c) = pending.as_mut() {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 8];
+        match read_exact_deadline(c, &mut buf, Instant::now() + Duration::from_secs(5)) {
+            Ok(()) => assert_eq!(&buf, b"eleventh"),
+            Err(e) => println!("note: the queued 11th was not served after the limit cleared: {e}"),
+        }
+    }
+    let ok = wait_until(Duration::from_secs(5), || {
+        try_connect(lim, Duration::from_secs(1))
+            .and_then(|mut c| roundtrip(&mut c, b"again", Duration::from_millis(500)))
+            .is_ok()
+    });
+    assert!(ok, "app 'lim' does not accept again after its pairs closed");
+    drop(pending);
+    exit_cleanly(st.proxy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seed-shaped files
+// ---------------------------------------------------------------------------------------------
+
+/// An id server on 127.0.0.1:PORT and, when IPv6 works, the same id on [::1]:PORT (targets
+/// written as `localhost` may resolve to either).
+fn id_server_dual(id: u8) -> (Server, Option<Server>) {
+    for _ in 0..20 {
+        let v4 = id_server(id);
+        if !ipv6_available() {
+            return (v4, None);
+        }
+        let v6addr: SocketAddr = format!("[::1]:{}", v4.addr().port()).parse().expect("v6");
+        if let Ok(v6) = Server::try_start(v6addr, move |s, _| id_handler(s, id)) {
+            return (v4, Some(v6));
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and [::1]");
+}
+
+#[test]
+fn seed_json_file_routes_traffic() {
+    let (t1, t2) = (id_server(1), id_server(2));
+    let (t3, _t3v6) = id_server_dual(3);
+    let st = start_cfg("json", 3, 3, &[], false, &|p| {
+        format!(
+            "{{\n  \"Apps\": [\n    {{\n      \"Name\": \"five-thousand\",\n      \"Ports\": [{}, {}],\n      \
+             \"Targets\": [\"{}\", \"{}\"]\n    }},\n    {{\n      \"Name\": \"six-thousand\",\n      \
+             \"Ports\": [{}],\n      \"Targets\": [\"localhost:{}\"]\n    }}\n  ]\n}}\n",
+            p[0],
+            p[1],
+            t1.addr(),
+            t2.addr(),
+            p[2],
+            t3.addr().port()
+        )
+    });
+    let mut first = Vec::new();
+    for &port in &st.ports[..2] {
+        for _ in 0..2 {
+            let (_c, id) = connect_id(local(port));
+            assert!(
+                id == 1 || id == 2,
+                "five-thousand port {port} reached target {id}"
+            );
+            first.push(id);
+        }
+    }
+    assert!(
+        first.contains(&1) && first.contains(&2),
+        "both targets used: {first:?}"
+    );
+    for _ in 0..2 {
+        let (_c, id) = connect_id(local(st.ports[2]));
+        assert_eq!(id, 3, "six-thousand reached target {id}");
+    }
+    exit_cleanly(st.proxy);
+}
+
+#[test]
+fn seed_pipe_conf_file_routes_traffic() {
+    let t1 = id_server(1);
+    let (t2, _t2v6) = id_server_dual(2);
+    let st = start_cfg("conf", 2, 2, &[], false, &|p| {
+        format!(
+            "# forwarder rules\n\n{} | 127.0.0.1 | {}\n{} | localhost | {}    # by name\n",
+            p[0],
+            t1.addr().port(),
+            p[1],
+            t2.addr().port()
+        )
+    });
+    for _ in 0..2 {
+        let (_c, id) = connect_id(local(st.ports[0]));
+        assert_eq!(id, 1, "port {} reached target {id}", st.ports[0]);
+        let (_c, id) = connect_id(local(st.ports[1]));
+        assert_eq!(id, 2, "port {} reached target {id}", st.ports[1]);
+    }
+    exit_cleanly(st.proxy);
+}
