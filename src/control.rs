@@ -567,11 +567,28 @@ impl Proxy {
         self.state.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Stop accepting now; live pairs get the configured grace period. Non-blocking.
+    /// Stop accepting now; live pairs get the configured grace period. Returns once every
+    /// worker has closed its listeners (or after one second).
     pub fn shutdown(&self) {
         self.begin_drain();
         let grace = self.config.grace;
-        self.send(|| Command::Drain { grace });
+        let (tx, rx) = mpsc::sync_channel(self.state.links.len());
+        let mut sent = 0;
+        for l in &self.state.links {
+            if l.send(Command::Drain {
+                grace,
+                ack: Some(tx.clone()),
+            }) {
+                sent += 1;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for _ in 0..sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                break;
+            }
+        }
     }
 
     /// Close everything now. Non-blocking.

@@ -66,13 +66,14 @@ fn run(cli: &Cli) -> Result<u8, Error> {
                 SIGINT | SIGTERM => {
                     draining = true;
                     let delay = proxy.config().drain_delay;
-                    log::info!(
-                        "shutting down: readyz now 503; listeners close in {:?}, then live connections get up to {:?}",
-                        delay,
-                        proxy.config().grace
-                    );
                     proxy.begin_drain();
-                    drain_at = Some(Instant::now() + delay);
+                    if delay.is_zero() {
+                        proxy.shutdown();
+                        log_listeners_closed(&proxy);
+                    } else {
+                        log::info!("shutting down: readyz now 503; listeners close in {delay:?}");
+                        drain_at = Some(Instant::now() + delay);
+                    }
                 }
                 SIGHUP => reload(cli, &mut proxy),
                 _ => {}
@@ -81,6 +82,7 @@ fn run(cli: &Cli) -> Result<u8, Error> {
         if drain_at.is_some_and(|t| Instant::now() >= t) {
             drain_at = None;
             proxy.shutdown();
+            log_listeners_closed(&proxy);
         }
         if let Some(every) = proxy.config().log_interval
             && last_log.0.elapsed() >= every
@@ -137,4 +139,12 @@ fn log_periodic(proxy: &Proxy, last: &(Instant, Summary)) -> (Instant, Summary) 
         rate(s.bytes_upstream_to_client, last.1.bytes_upstream_to_client),
     );
     (now, s)
+}
+
+fn log_listeners_closed(proxy: &Proxy) {
+    log::info!(
+        "shutting down: listeners closed; {} live connection(s) get up to {:?}",
+        proxy.state().shared.active(),
+        proxy.config().grace
+    );
 }

@@ -7,12 +7,10 @@
 //! the start when one was taken meanwhile. The admin endpoint uses `--admin 127.0.0.1:0` and
 //! its address is read from the log. Every wait has a deadline.
 
-use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,237 +22,6 @@ use crate::util::*;
 // ---------------------------------------------------------------------------------------------
 // Helpers local to this file
 // ---------------------------------------------------------------------------------------------
-
-/// A config file in the temp directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(ext: &str, contents: &str) -> TempFile {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let n = SEQ.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!(
-            "epoxy-observe-{}-{n}-{}.{ext}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-        ));
-        let f = TempFile(path);
-        f.write(contents);
-        f
-    }
-
-    fn write(&self, contents: &str) {
-        fs::write(&self.0, contents).expect("write config file");
-    }
-
-    fn path(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
-/// A proxy started from a config file with free ports written in it.
-struct Started {
-    proxy: ProxyHandle,
-    file: TempFile,
-    ports: Vec<u16>,
-    admin: Option<SocketAddr>,
-}
-
-/// `nports` distinct ports that were free a moment ago.
-fn free_ports(nports: usize) -> Vec<u16> {
-    let mut v: Vec<u16> = Vec::with_capacity(nports);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while v.len() < nports {
-        assert!(Instant::now() < deadline, "cannot find free ports");
-        let p = free_port();
-        if !v.contains(&p) {
-            v.push(p);
-        }
-    }
-    v
-}
-
-/// The admin address from the `admin endpoint on http://ADDR/metrics` log line.
-fn admin_addr_of(text: &str) -> Option<SocketAddr> {
-    let key = "admin endpoint on http://";
-    let i = text.find(key)?;
-    let rest = &text[i + key.len()..];
-    rest.split('/').next()?.parse().ok()
-}
-
-/// Starts `proxy -c FILE` (extension `ext`, contents `make(ports)`) plus `extra` flags and,
-/// when `admin`, `--admin 127.0.0.1:0`. Waits for `listeners` listening lines (and the admin
-/// line). Retries with new ports when a port was taken meanwhile.
-fn start_cfg(
-    ext: &str,
-    nports: usize,
-    listeners: usize,
-    extra: &[&str],
-    admin: bool,
-    make: &dyn Fn(&[u16]) -> String,
-) -> Started {
-    let mut last_err = String::new();
-    for _attempt in 0..5 {
-        let ports = free_ports(nports);
-        let file = TempFile::new(ext, &make(&ports));
-        let mut cmd = Command::new(PROXY_BIN);
-        cmd.arg("-c").arg(file.path()).args(extra);
-        if admin {
-            cmd.args(["--admin", "127.0.0.1:0"]);
-        }
-        let mut h = ProxyHandle::spawn_raw(cmd);
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            let text = h.stderr_text();
-            let admin_addr = admin_addr_of(&text);
-            if h.addrs().len() >= listeners && (!admin || admin_addr.is_some()) {
-                return Started {
-                    proxy: h,
-                    file,
-                    ports,
-                    admin: admin_addr,
-                };
-            }
-            if h.has_exited() {
-                let _ = h.wait_exit(Duration::from_secs(2));
-                last_err = h.stderr_text();
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not start within {STARTUP_TIMEOUT:?}; stderr:\n{}",
-                h.stderr_text()
-            );
-            let n = h.stderr_line_count();
-            h.wait_stderr_lines_above(n, Duration::from_millis(50));
-        }
-        if !last_err.to_lowercase().contains("in use") {
-            panic!("proxy exited at start; stderr:\n{last_err}");
-        }
-    }
-    panic!("proxy could not bind free ports after 5 attempts; last stderr:\n{last_err}");
-}
-
-/// HTTP/1.0 GET; returns (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad response: {head:?}")))?;
-    Ok((status, body.to_string()))
-}
-
-fn metrics_text(admin: SocketAddr) -> String {
-    let (code, body) = http_get(admin, "/metrics").expect("GET /metrics");
-    assert_eq!(code, 200, "GET /metrics status");
-    body
-}
-
-/// Value of the sample `name{labels}` (exact label set) in a Prometheus text exposition.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut want: Vec<(String, String)> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    want.sort();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let (series, value) = match line.rsplit_once(' ') {
-            Some(x) => x,
-            None => continue,
-        };
-        let (n, mut got) = match series.split_once('{') {
-            Some((n, rest)) => {
-                let inner = rest.trim_end_matches('}');
-                let got: Vec<(String, String)> = inner
-                    .split("\",")
-                    .filter(|kv| !kv.is_empty())
-                    .filter_map(|kv| {
-                        let (k, v) = kv.split_once('=')?;
-                        Some((k.to_string(), v.trim_matches('"').to_string()))
-                    })
-                    .collect();
-                (n, got)
-            }
-            None => (series, Vec::new()),
-        };
-        if n != name {
-            continue;
-        }
-        got.sort();
-        if got == want {
-            return value.parse().ok();
-        }
-    }
-    None
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-fn exit_cleanly(mut p: ProxyHandle) -> String {
-    p.sigterm();
-    let st = p.wait_exit(Duration::from_secs(10));
-    let text = p.stderr_text();
-    assert!(
-        st.is_some_and(|s| s.success()),
-        "proxy did not exit 0 after SIGTERM ({st:?}); stderr:\n{text}"
-    );
-    assert_no_panic(&text);
-    text
-}
-
-/// Every sample of `name`: its labels and value.
-fn samples(text: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, labels) = match series.split_once('{') {
-            Some((n, rest)) => (
-                n,
-                rest.trim_end_matches('}')
-                    .split("\",")
-                    .filter(|kv| !kv.is_empty())
-                    .filter_map(|kv| {
-                        let (k, v) = kv.split_once('=')?;
-                        Some((k.to_string(), v.trim_matches('"').to_string()))
-                    })
-                    .collect(),
-            ),
-            None => (series, Vec::new()),
-        };
-        if n == name
-            && let Ok(v) = value.parse::<f64>()
-        {
-            out.push((labels, v));
-        }
-    }
-    out
-}
 
 fn json_get(admin: SocketAddr, path: &str) -> Value {
     let (code, body) = http_get(admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
@@ -304,20 +71,6 @@ fn promtool_check(text: &str) -> Option<Result<(), String>> {
             String::from_utf8_lossy(&out.stderr)
         )))
     }
-}
-
-/// Spawns the CLI proxy in front of `backend` with `--admin 127.0.0.1:0` and `extra`.
-fn spawn_with_admin(backend: SocketAddr, extra: &[&str]) -> (ProxyHandle, SocketAddr) {
-    let mut args = vec!["--admin", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let p = spawn_proxy_to(backend, &args);
-    assert!(
-        p.wait_stderr_contains("admin endpoint on", Duration::from_secs(5)),
-        "no admin line; stderr:\n{}",
-        p.stderr_text()
-    );
-    let admin = admin_addr_of(&p.stderr_text()).expect("admin address");
-    (p, admin)
 }
 
 /// Waits until no pair of `app` is live.
@@ -801,6 +554,25 @@ fn connections_lists_live_pair_with_client_address() {
 // Drain
 // ---------------------------------------------------------------------------------------------
 
+/// Fails unless `/readyz` answers 503 within 1 s (called right after SIGTERM).
+fn assert_readyz_503_within_1s(admin: SocketAddr) {
+    assert!(
+        wait_until(Duration::from_secs(1), || {
+            http_get(admin, "/readyz").is_ok_and(|(code, _)| code == 503)
+        }),
+        "readyz not 503 within 1 s of SIGTERM"
+    );
+}
+
+/// Fails unless the listener `addr` stops accepting within `within` of SIGTERM.
+fn assert_stops_accepting(addr: SocketAddr, within: Duration, why: &str) {
+    assert!(
+        wait_until(within, || try_connect(addr, Duration::from_millis(300))
+            .is_err()),
+        "listener still accepting {within:?} after SIGTERM ({why})"
+    );
+}
+
 #[test]
 fn readyz_turns_503_on_sigterm_while_pair_open() {
     let echo = echo_server();
@@ -811,12 +583,7 @@ fn readyz_turns_503_on_sigterm_while_pair_open() {
     assert_echo(&mut c, b"before");
     proxy.sigterm();
     let t0 = Instant::now();
-    assert!(
-        wait_until(Duration::from_secs(1), || {
-            http_get(admin, "/readyz").is_ok_and(|(code, _)| code == 503)
-        }),
-        "readyz not 503 within 1 s of SIGTERM"
-    );
+    assert_readyz_503_within_1s(admin);
     println!("readyz 503 after {:?}", t0.elapsed());
     assert_eq!(
         http_get(admin, "/healthz").expect("healthz").0,
@@ -827,14 +594,7 @@ fn readyz_turns_503_on_sigterm_while_pair_open() {
     assert_eq!(j["ready"], false, "JSON ready while draining");
     // The live pair keeps working during the grace period; new clients are refused.
     assert_echo(&mut c, b"during drain");
-    assert!(
-        wait_until(Duration::from_secs(2), || try_connect(
-            addr,
-            Duration::from_millis(300)
-        )
-        .is_err()),
-        "listener still accepting 2 s after SIGTERM (drain_delay 0)"
-    );
+    assert_stops_accepting(addr, Duration::from_secs(2), "drain_delay 0");
     assert!(
         !proxy.has_exited(),
         "exited with a live pair inside the grace period"
@@ -856,12 +616,7 @@ fn drain_delay_keeps_accepting_after_readyz_503() {
     let addr = proxy.addr();
     proxy.sigterm();
     let t0 = Instant::now();
-    assert!(
-        wait_until(Duration::from_secs(1), || {
-            http_get(admin, "/readyz").is_ok_and(|(code, _)| code == 503)
-        }),
-        "readyz not 503 within 1 s of SIGTERM"
-    );
+    assert_readyz_503_within_1s(admin);
     let mut c = connect(addr);
     assert_echo(&mut c, b"accepted inside drain_delay");
     assert!(
@@ -869,14 +624,7 @@ fn drain_delay_keeps_accepting_after_readyz_503() {
         "too slow to test the delay"
     );
     drop(c);
-    assert!(
-        wait_until(Duration::from_secs(4), || try_connect(
-            addr,
-            Duration::from_millis(300)
-        )
-        .is_err()),
-        "listener still open 4 s after SIGTERM (drain_delay 2s)"
-    );
+    assert_stops_accepting(addr, Duration::from_secs(4), "drain_delay 2s");
     let st = proxy.wait_exit(Duration::from_secs(5));
     assert!(st.is_some_and(|s| s.success()), "exit status {st:?}");
 }
@@ -897,13 +645,6 @@ fn sighup_and_wait(p: &ProxyHandle, needle: &str) {
         "no `{needle}` after SIGHUP; stderr:\n{}",
         p.stderr_text()
     );
-}
-
-fn is_refused(addr: SocketAddr) -> bool {
-    matches!(
-        TcpStream::connect_timeout(&addr, Duration::from_millis(500)),
-        Err(ref e) if e.kind() == io::ErrorKind::ConnectionRefused
-    )
 }
 
 #[test]
@@ -1061,13 +802,7 @@ fn reload_while_100_connections_stream() {
 #[test]
 fn invalid_reload_keeps_old_config_serving() {
     let echo = echo_server();
-    let st = start_cfg("toml", 1, 1, &[], true, &|p| {
-        format!(
-            "[[app]]\nname = \"keep\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\"]\n",
-            p[0],
-            echo.addr()
-        )
-    });
+    let st = start_one_app("keep", true, &format!("targets = [\"{}\"]\n", echo.addr()));
     let admin = st.admin.expect("admin");
     let addr = local(st.ports[0]);
     let mut live = connect(addr);

@@ -6,12 +6,8 @@
 //! cannot use port 0, so each test picks free ports, writes them in the file and retries the
 //! whole start when a port was taken in the meantime. Every wait has a deadline.
 
-use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,188 +16,6 @@ use crate::util::*;
 // ---------------------------------------------------------------------------------------------
 // Helpers local to this file
 // ---------------------------------------------------------------------------------------------
-
-/// A config file in the temp directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(ext: &str, contents: &str) -> TempFile {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let n = SEQ.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!(
-            "epoxy-routing-{}-{n}-{}.{ext}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-        ));
-        let f = TempFile(path);
-        f.write(contents);
-        f
-    }
-
-    fn write(&self, contents: &str) {
-        fs::write(&self.0, contents).expect("write config file");
-    }
-
-    fn path(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
-/// A proxy started from a config file with free ports written in it.
-struct Started {
-    proxy: ProxyHandle,
-    file: TempFile,
-    ports: Vec<u16>,
-    admin: Option<SocketAddr>,
-}
-
-/// `nports` distinct ports that were free a moment ago.
-fn free_ports(nports: usize) -> Vec<u16> {
-    let mut v: Vec<u16> = Vec::with_capacity(nports);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while v.len() < nports {
-        assert!(Instant::now() < deadline, "cannot find free ports");
-        let p = free_port();
-        if !v.contains(&p) {
-            v.push(p);
-        }
-    }
-    v
-}
-
-/// The admin address from the `admin endpoint on http://ADDR/metrics` log line.
-fn admin_addr_of(text: &str) -> Option<SocketAddr> {
-    let key = "admin endpoint on http://";
-    let i = text.find(key)?;
-    let rest = &text[i + key.len()..];
-    rest.split('/').next()?.parse().ok()
-}
-
-/// Starts `proxy -c FILE` (extension `ext`, contents `make(ports)`) plus `extra` flags and,
-/// when `admin`, `--admin 127.0.0.1:0`. Waits for `listeners` listening lines (and the admin
-/// line). Retries with new ports when a port was taken meanwhile.
-fn start_cfg(
-    ext: &str,
-    nports: usize,
-    listeners: usize,
-    extra: &[&str],
-    admin: bool,
-    make: &dyn Fn(&[u16]) -> String,
-) -> Started {
-    let mut last_err = String::new();
-    for _attempt in 0..5 {
-        let ports = free_ports(nports);
-        let file = TempFile::new(ext, &make(&ports));
-        let mut cmd = Command::new(PROXY_BIN);
-        cmd.arg("-c").arg(file.path()).args(extra);
-        if admin {
-            cmd.args(["--admin", "127.0.0.1:0"]);
-        }
-        let mut h = ProxyHandle::spawn_raw(cmd);
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            let text = h.stderr_text();
-            let admin_addr = admin_addr_of(&text);
-            if h.addrs().len() >= listeners && (!admin || admin_addr.is_some()) {
-                return Started {
-                    proxy: h,
-                    file,
-                    ports,
-                    admin: admin_addr,
-                };
-            }
-            if h.has_exited() {
-                let _ = h.wait_exit(Duration::from_secs(2));
-                last_err = h.stderr_text();
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not start within {STARTUP_TIMEOUT:?}; stderr:\n{}",
-                h.stderr_text()
-            );
-            let n = h.stderr_line_count();
-            h.wait_stderr_lines_above(n, Duration::from_millis(50));
-        }
-        if !last_err.to_lowercase().contains("in use") {
-            panic!("proxy exited at start; stderr:\n{last_err}");
-        }
-    }
-    panic!("proxy could not bind free ports after 5 attempts; last stderr:\n{last_err}");
-}
-
-/// HTTP/1.0 GET; returns (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad response: {head:?}")))?;
-    Ok((status, body.to_string()))
-}
-
-fn metrics_text(admin: SocketAddr) -> String {
-    let (code, body) = http_get(admin, "/metrics").expect("GET /metrics");
-    assert_eq!(code, 200, "GET /metrics status");
-    body
-}
-
-/// Value of the sample `name{labels}` (exact label set) in a Prometheus text exposition.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut want: Vec<(String, String)> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    want.sort();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let (series, value) = match line.rsplit_once(' ') {
-            Some(x) => x,
-            None => continue,
-        };
-        let (n, mut got) = match series.split_once('{') {
-            Some((n, rest)) => {
-                let inner = rest.trim_end_matches('}');
-                let got: Vec<(String, String)> = inner
-                    .split("\",")
-                    .filter(|kv| !kv.is_empty())
-                    .filter_map(|kv| {
-                        let (k, v) = kv.split_once('=')?;
-                        Some((k.to_string(), v.trim_matches('"').to_string()))
-                    })
-                    .collect();
-                (n, got)
-            }
-            None => (series, Vec::new()),
-        };
-        if n != name {
-            continue;
-        }
-        got.sort();
-        if got == want {
-            return value.parse().ok();
-        }
-    }
-    None
-}
 
 /// A target that writes `id` on accept, then echoes.
 fn id_server(id: u8) -> Server {
@@ -235,17 +49,8 @@ fn id_server_on(addr: SocketAddr, id: u8) -> Server {
 fn kill_server(srv: Server) {
     let addr = srv.addr();
     drop(srv);
-    let gone = wait_until(Duration::from_secs(3), || {
-        matches!(
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)),
-            Err(ref e) if e.kind() == io::ErrorKind::ConnectionRefused
-        )
-    });
+    let gone = wait_until(Duration::from_secs(3), || is_refused(addr));
     assert!(gone, "server {addr} still accepts after being stopped");
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
 /// Reads the target's id byte (within 5 s).
@@ -284,16 +89,13 @@ fn quoted_targets(servers: &[&Server]) -> String {
         .join(", ")
 }
 
-fn exit_cleanly(mut p: ProxyHandle) -> String {
-    p.sigterm();
-    let st = p.wait_exit(Duration::from_secs(10));
-    let text = p.stderr_text();
-    assert!(
-        st.is_some_and(|s| s.success()),
-        "proxy did not exit 0 after SIGTERM ({st:?}); stderr:\n{text}"
+/// One app `name` with `balance = "POLICY"` over `targets` (see `start_one_app`).
+fn start_balanced(name: &str, policy: &str, targets: &[Server], admin: bool) -> Started {
+    let rest = format!(
+        "balance = \"{policy}\"\ntargets = [{}]\n",
+        quoted_targets(&targets.iter().collect::<Vec<_>>())
     );
-    assert_no_panic(&text);
-    text
+    start_one_app(name, admin, &rest)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,13 +170,7 @@ fn two_apps_two_ports_route_to_their_own_targets() {
 #[test]
 fn round_robin_is_exactly_even() {
     let t = [id_server(0), id_server(1), id_server(2)];
-    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
-        format!(
-            "[[app]]\nname = \"rr\"\nlisten = [\"127.0.0.1:{}\"]\nbalance = \"round-robin\"\ntargets = [{}]\n",
-            p[0],
-            quoted_targets(&[&t[0], &t[1], &t[2]])
-        )
-    });
+    let st = start_balanced("rr", "round-robin", &t, false);
     let mut counts = [0usize; 3];
     let mut order = Vec::new();
     for _ in 0..30 {
@@ -395,15 +191,15 @@ fn round_robin_is_exactly_even() {
 #[test]
 fn weights_one_to_three_respected() {
     let (light, heavy) = (id_server(b'L'), id_server(b'H'));
-    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
-        format!(
-            "[[app]]\nname = \"weighted\"\nlisten = [\"127.0.0.1:{}\"]\n\
-             targets = [\"{}\", {{ addr = \"{}\", weight = 3 }}]\n",
-            p[0],
+    let st = start_one_app(
+        "weighted",
+        false,
+        &format!(
+            "targets = [\"{}\", {{ addr = \"{}\", weight = 3 }}]\n",
             light.addr(),
             heavy.addr()
-        )
-    });
+        ),
+    );
     const ROTATIONS: usize = 10;
     let mut l = 0usize;
     let mut order = String::new();
@@ -432,13 +228,7 @@ fn weights_one_to_three_respected() {
 #[test]
 fn least_conn_picks_target_with_fewest_live_pairs() {
     let t = [id_server(b'A'), id_server(b'B'), id_server(b'C')];
-    let st = start_cfg("toml", 1, 1, &[], true, &|p| {
-        format!(
-            "[[app]]\nname = \"lc\"\nlisten = [\"127.0.0.1:{}\"]\nbalance = \"least-conn\"\ntargets = [{}]\n",
-            p[0],
-            quoted_targets(&[&t[0], &t[1], &t[2]])
-        )
-    });
+    let st = start_balanced("lc", "least-conn", &t, true);
     let admin = st.admin.expect("admin address");
     let addr = local(st.ports[0]);
     let names: Vec<String> = t.iter().map(|s| s.addr().to_string()).collect();
@@ -580,14 +370,15 @@ fn source_hash_stable_and_moves_only_removed_targets_clients() {
 fn one_dead_target_of_three_all_300_succeed() {
     let (a, b) = (id_server(b'a'), id_server(b'b'));
     let dead = free_port();
-    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
-        format!(
-            "[[app]]\nname = \"fo\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\", \"127.0.0.1:{dead}\", \"{}\"]\n",
-            p[0],
+    let st = start_one_app(
+        "fo",
+        false,
+        &format!(
+            "targets = [\"{}\", \"127.0.0.1:{dead}\", \"{}\"]\n",
             a.addr(),
             b.addr()
-        )
-    });
+        ),
+    );
     let addr = local(st.ports[0]);
     let mut ok = 0;
     let mut failures = Vec::new();
@@ -619,13 +410,11 @@ fn one_dead_target_of_three_all_300_succeed() {
 #[test]
 fn all_targets_refuse_client_closed_promptly() {
     let (d1, d2) = (free_port(), free_port());
-    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
-        format!(
-            "[[app]]\nname = \"dead\"\nlisten = [\"127.0.0.1:{}\"]\nconnect_timeout = \"2s\"\n\
-             targets = [\"127.0.0.1:{d1}\", \"127.0.0.1:{d2}\"]\n",
-            p[0]
-        )
-    });
+    let st = start_one_app(
+        "dead",
+        false,
+        &format!("connect_timeout = \"2s\"\ntargets = [\"127.0.0.1:{d1}\", \"127.0.0.1:{d2}\"]\n"),
+    );
     let addr = local(st.ports[0]);
     for i in 0..5 {
         let mut c = connect(addr);
@@ -684,12 +473,11 @@ fn blackhole() -> Blackhole {
 #[test]
 fn all_targets_silent_closed_within_connect_timeout() {
     let bh = blackhole();
-    let st = start_cfg("toml", 1, 1, &[], true, &|p| {
-        format!(
-            "[[app]]\nname = \"silent\"\nlisten = [\"127.0.0.1:{}\"]\nconnect_timeout = \"300ms\"\ntargets = [\"{}\"]\n",
-            p[0], bh.addr
-        )
-    });
+    let st = start_one_app(
+        "silent",
+        true,
+        &format!("connect_timeout = \"300ms\"\ntargets = [\"{}\"]\n", bh.addr),
+    );
     let addr = local(st.ports[0]);
     let clients: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
     let t0 = Instant::now();
@@ -741,42 +529,65 @@ fn all_targets_silent_closed_within_connect_timeout() {
 // Health
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn passive_health_marks_down_after_fall_and_recovers() {
+/// Starts app `app` (one port, admin on) with id targets `a` and `b` and the `[app.health]`
+/// settings `health`; checks that b starts up, then stops it. Returns the proxy, target a
+/// (keep it alive) and b's address.
+fn start_health_app_and_stop_b(app: &str, health: &str) -> (Started, Server, SocketAddr) {
     let a = id_server(b'a');
     let b = id_server(b'b');
     let b_addr = b.addr();
-    let st = start_cfg("toml", 1, 1, &[], true, &|p| {
-        format!(
-            "[[app]]\nname = \"pas\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\", \"{b_addr}\"]\n\
-             [app.health]\nfall = 3\ndown_time = \"3s\"\n",
-            p[0],
+    let st = start_one_app(
+        app,
+        true,
+        &format!(
+            "targets = [\"{}\", \"{b_addr}\"]\n[app.health]\n{health}",
             a.addr()
-        )
-    });
+        ),
+    );
+    let admin = st.admin.expect("admin");
+    assert_eq!(
+        target_up(admin, app, &b_addr.to_string()),
+        Some(1.0),
+        "target b should start up"
+    );
+    kill_server(b);
+    (st, a, b_addr)
+}
+
+/// `epoxy_target_up` of `target` in `app`.
+fn target_up(admin: SocketAddr, app: &str, target: &str) -> Option<f64> {
+    metric(
+        &metrics_text(admin),
+        "epoxy_target_up",
+        &[("app", app), ("target", target)],
+    )
+}
+
+/// Fails unless the proxy logs a line containing `needle` within `timeout`.
+fn expect_log(p: &ProxyHandle, needle: &str, timeout: Duration) {
+    assert!(
+        p.wait_stderr_contains(needle, timeout),
+        "no `{needle}` log within {timeout:?}; stderr:\n{}",
+        p.stderr_text()
+    );
+}
+
+#[test]
+fn passive_health_marks_down_after_fall_and_recovers() {
+    let (st, _a, b_addr) = start_health_app_and_stop_b("pas", "fall = 3\ndown_time = \"3s\"\n");
     let admin = st.admin.expect("admin");
     let addr = local(st.ports[0]);
     let b_name = b_addr.to_string();
-    let up = || {
-        metric(
-            &metrics_text(admin),
-            "epoxy_target_up",
-            &[("app", "pas"), ("target", &b_name)],
-        )
-    };
-    assert_eq!(up(), Some(1.0), "target b should start up");
-    kill_server(b);
+    let up = || target_up(admin, "pas", &b_name);
     // Every client still succeeds (failover to a) while b's failures add up.
     for i in 0..8 {
         let (_c, id) = connect_id(addr);
         assert_eq!(id, b'a', "connection {i} reached {:?}", id as char);
     }
-    let down_line = format!("target {b_name} is DOWN");
-    assert!(
-        st.proxy
-            .wait_stderr_contains(&down_line, Duration::from_secs(2)),
-        "no `{down_line}` log; stderr:\n{}",
-        st.proxy.stderr_text()
+    expect_log(
+        &st.proxy,
+        &format!("target {b_name} is DOWN"),
+        Duration::from_secs(2),
     );
     assert_eq!(up(), Some(0.0), "epoxy_target_up of b while down");
     let refused = metric(
@@ -802,38 +613,18 @@ fn passive_health_marks_down_after_fall_and_recovers() {
 
 #[test]
 fn active_health_down_and_up_by_probes() {
-    let a = id_server(b'a');
-    let b = id_server(b'b');
-    let b_addr = b.addr();
-    let st = start_cfg("toml", 1, 1, &[], true, &|p| {
-        format!(
-            "[[app]]\nname = \"act\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\", \"{b_addr}\"]\n\
-             [app.health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n",
-            p[0],
-            a.addr()
-        )
-    });
+    let (st, _a, b_addr) = start_health_app_and_stop_b(
+        "act",
+        "interval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n",
+    );
+    let t0 = Instant::now();
     let admin = st.admin.expect("admin");
     let addr = local(st.ports[0]);
     let b_name = b_addr.to_string();
-    let up = || {
-        metric(
-            &metrics_text(admin),
-            "epoxy_target_up",
-            &[("app", "act"), ("target", &b_name)],
-        )
-    };
-    assert_eq!(up(), Some(1.0), "target b should start up");
-    kill_server(b);
-    let t0 = Instant::now();
+    let up = || target_up(admin, "act", &b_name);
     // No client traffic: only the probes can notice.
     let down_line = format!("target {b_name} is DOWN");
-    assert!(
-        st.proxy
-            .wait_stderr_contains(&down_line, Duration::from_secs(3)),
-        "no `{down_line}` log within 3 s; stderr:\n{}",
-        st.proxy.stderr_text()
-    );
+    expect_log(&st.proxy, &down_line, Duration::from_secs(3));
     println!("active health: DOWN after {:?}", t0.elapsed());
     assert_eq!(up(), Some(0.0), "epoxy_target_up of b while down");
     for i in 0..6 {
@@ -842,12 +633,10 @@ fn active_health_down_and_up_by_probes() {
     }
     let b2 = id_server_on(b_addr, b'b');
     let t1 = Instant::now();
-    let up_line = format!("target {b_name} is UP");
-    assert!(
-        st.proxy
-            .wait_stderr_contains(&up_line, Duration::from_secs(3)),
-        "no `{up_line}` log within 3 s of b's return; stderr:\n{}",
-        st.proxy.stderr_text()
+    expect_log(
+        &st.proxy,
+        &format!("target {b_name} is UP"),
+        Duration::from_secs(3),
     );
     println!("active health: UP after {:?}", t1.elapsed());
     assert_eq!(up(), Some(1.0), "epoxy_target_up of b after rise");

@@ -8,6 +8,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -20,65 +21,6 @@ const GIB: u64 = 1 << 30;
 // ---------------------------------------------------------------------------------------------
 // Helpers local to this file
 // ---------------------------------------------------------------------------------------------
-
-/// HTTP/1.0 GET; returns (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad response: {head:?}")))?;
-    Ok((status, body.to_string()))
-}
-
-/// Value of the sample `name{label="value"}` (one label) in a Prometheus text exposition.
-fn metric1(text: &str, name: &str, label: &str, value: &str) -> Option<f64> {
-    let series = format!("{name}{{{label}=\"{value}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Spawns the CLI proxy in front of `backend` with `--admin 127.0.0.1:0` and `extra`.
-fn spawn_with_admin(backend: SocketAddr, extra: &[&str]) -> (ProxyHandle, SocketAddr) {
-    let mut args = vec!["--admin", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let p = spawn_proxy_to(backend, &args);
-    assert!(
-        p.wait_stderr_contains("admin endpoint on", Duration::from_secs(5)),
-        "no admin line; stderr:\n{}",
-        p.stderr_text()
-    );
-    let text = p.stderr_text();
-    let key = "admin endpoint on http://";
-    let i = text.find(key).expect("admin line");
-    let admin = text[i + key.len()..]
-        .split('/')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("admin address");
-    (p, admin)
-}
-
-fn exit_cleanly(mut p: ProxyHandle) -> String {
-    p.sigterm();
-    let st = p.wait_exit(Duration::from_secs(10));
-    let text = p.stderr_text();
-    assert!(
-        st.is_some_and(|s| s.success()),
-        "proxy did not exit 0 after SIGTERM ({st:?}); stderr:\n{text}"
-    );
-    assert_no_panic(&text);
-    text
-}
 
 /// Number of pipe fds open in process `pid`.
 fn pipe_fds(pid: u32) -> usize {
@@ -110,6 +52,20 @@ fn echo_hash_check(addr: SocketAddr, seed: u64, len: u64) {
     assert!(hash == sent, "echoed bytes differ");
 }
 
+/// Waits up to 5 s for a half-close server to read to a clean EOF; asserts it received
+/// `want` bytes hashing to `sent`.
+fn expect_upstream_received(events: &Receiver<(Instant, Event)>, want: u64, sent: Hash) {
+    match wait_event(events, Duration::from_secs(5), |e| {
+        matches!(e, Event::RecvHash(..) | Event::ReadEnded(..))
+    }) {
+        Some((_, Event::RecvHash(len, h))) => {
+            assert_eq!(len, want, "upstream got {len} of {want} bytes before EOF");
+            assert!(h == sent, "upstream got different bytes");
+        }
+        other => panic!("upstream did not get all bytes and a clean EOF: {other:?}"),
+    }
+}
+
 /// Client half-closes first: the upstream must see every byte then EOF, and the reply must
 /// still come back.
 fn half_close_client_first_check(extra: &[&str]) {
@@ -120,15 +76,7 @@ fn half_close_client_first_check(extra: &[&str]) {
     let mut c = connect(proxy.addr());
     let sent = write_pattern(&mut c, 0xA1, REQ).expect("write request");
     c.shutdown(Shutdown::Write).expect("shutdown(Write)");
-    match wait_event(&events, Duration::from_secs(5), |e| {
-        matches!(e, Event::RecvHash(..) | Event::ReadEnded(..))
-    }) {
-        Some((_, Event::RecvHash(len, h))) => {
-            assert_eq!(len, REQ, "upstream got {len} of {REQ} bytes before EOF");
-            assert!(h == sent, "upstream got different bytes");
-        }
-        other => panic!("upstream did not see a clean EOF: {other:?}"),
-    }
+    expect_upstream_received(&events, REQ, sent);
     let (len, h) =
         read_to_eof_hash(&mut c, Instant::now() + Duration::from_secs(10)).expect("read reply");
     assert_eq!(len, REPLY, "client got {len} of {REPLY} reply bytes");
@@ -154,15 +102,7 @@ fn half_close_upstream_first_check(extra: &[&str]) {
     assert!(h == pattern_hash(0xB2, FIRST), "bytes before EOF differ");
     let sent = write_pattern(&mut c, 0xB1, AFTER).expect("write after upstream EOF");
     c.shutdown(Shutdown::Write).expect("shutdown");
-    match wait_event(&events, Duration::from_secs(5), |e| {
-        matches!(e, Event::RecvHash(..) | Event::ReadEnded(..))
-    }) {
-        Some((_, Event::RecvHash(len, h))) => {
-            assert_eq!(len, AFTER, "upstream got {len} of {AFTER} bytes");
-            assert!(h == sent, "upstream got different bytes");
-        }
-        other => panic!("upstream did not get our bytes and EOF: {other:?}"),
-    }
+    expect_upstream_received(&events, AFTER, sent);
     exit_cleanly(proxy);
 }
 
@@ -205,10 +145,9 @@ fn workers2_200_concurrent_connections_spread_over_both() {
     for (i, c) in held.iter_mut().enumerate() {
         assert_echo(c, format!("still {i}").as_bytes());
     }
-    let (code, text) = http_get(admin, "/metrics").expect("GET /metrics");
-    assert_eq!(code, 200);
-    let total = |w: &str| metric1(&text, "epoxy_worker_connections_total", "worker", w);
-    let active = |w: &str| metric1(&text, "epoxy_worker_connections_active", "worker", w);
+    let text = metrics_text(admin);
+    let total = |w: &str| metric(&text, "epoxy_worker_connections_total", &[("worker", w)]);
+    let active = |w: &str| metric(&text, "epoxy_worker_connections_active", &[("worker", w)]);
     let (t0, t1) = (
         total("0").expect("worker 0 total"),
         total("1").expect("worker 1 total"),

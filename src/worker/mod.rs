@@ -29,8 +29,12 @@ use token::{Decoded, Side};
 
 /// Messages from the control thread (delivered through the channel + the poll's waker).
 pub enum Command {
-    /// Stop accepting (close listeners); let live pairs finish for up to `grace`.
-    Drain { grace: Duration },
+    /// Stop accepting (close listeners); let live pairs finish for up to `grace`. `ack` is
+    /// told once the listeners are closed.
+    Drain {
+        grace: Duration,
+        ack: Option<SyncSender<()>>,
+    },
     /// Close everything now and exit.
     Stop,
     /// Switch to a new generation of apps. Listeners whose configured address is in `keep`
@@ -247,7 +251,12 @@ impl Worker {
     fn on_commands(&mut self) {
         loop {
             match self.commands.try_recv() {
-                Ok(Command::Drain { grace }) => self.start_drain(grace),
+                Ok(Command::Drain { grace, ack }) => {
+                    self.start_drain(grace);
+                    if let Some(ack) = ack {
+                        let _ = ack.try_send(());
+                    }
+                }
                 Ok(Command::Stop) => self.stop = true,
                 Ok(Command::Reload { apps, keep, add }) => self.on_reload(apps, keep, add),
                 Ok(Command::Connections(reply)) => {

@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests: spawning the `proxy` binary and reading its
 //! stderr, small TCP servers running in threads (echo, sink, source, reset, duplex, scripted),
-//! deterministic byte patterns, SHA-256, and bounded waits.
+//! deterministic byte patterns, SHA-256, and bounded waits. `cfg` holds what the feature
+//! tests share: proxies started from config files, the admin endpoint and metric samples.
 //!
 //! Rules this module keeps: every server binds loopback only (127.0.0.1 or ::1) on port 0
 //! unless a test asks for a fixed address; every blocking call has a timeout or a deadline;
@@ -16,6 +17,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+pub mod cfg;
+pub use cfg::*;
 
 /// Path of the binary under test.
 pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_proxy");
