@@ -271,11 +271,7 @@ impl Proxy {
         let (max_conns, notes) =
             effective_max_conns(&config, nofile, nlisten * nworkers, mem_limit);
         for note in notes {
-            if config.max_conns.is_some() {
-                log::warn!("{note}");
-            } else {
-                log::info!("{note}");
-            }
+            log::warn!("{note}");
         }
         if matches!(config.workers, Workers::Auto) {
             log::info!(

@@ -69,6 +69,7 @@ impl Worker {
                     pair.target_counted = true;
                     pair.upstream.sock = Some(sock);
                     pair.upstream.readable = false;
+                    pair.upstream.hup = false;
                     pair.upstream.writable = false;
                     pair.upstream.interest = None;
                     pair.connect_started = self.now;
@@ -160,11 +161,9 @@ impl Worker {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
-        if let Some(mut sock) = pair.upstream.sock.take()
-            && pair.upstream.interest.take().is_some()
-        {
-            let _ = self.poll.registry().deregister(&mut sock);
-        }
+        // Closing the fd removes it from the epoll set; no epoll_ctl(DEL) needed.
+        drop(pair.upstream.sock.take());
+        pair.upstream.interest = None;
         if pair.target_counted {
             pair.target_counted = false;
             if let Some(t) = pair.app.targets.get(pair.target) {

@@ -296,6 +296,9 @@ impl Worker {
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
             half.readable = true;
         }
+        if ev.is_read_closed() || ev.is_error() {
+            half.hup = true;
+        }
         if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
             half.writable = true;
         }
@@ -414,12 +417,11 @@ impl Worker {
         {
             let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
         }
+        // Closing an fd removes it from the epoll set, so no epoll_ctl(DEL) is spent; a
+        // stale event for this slot in the current batch finds the pair `Closed`.
         for half in [&mut pair.client, &mut pair.upstream] {
-            if let Some(mut sock) = half.sock.take()
-                && half.interest.take().is_some()
-            {
-                let _ = self.poll.registry().deregister(&mut sock);
-            }
+            drop(half.sock.take());
+            half.interest = None;
         }
         self.closing.push(idx);
     }

@@ -145,14 +145,18 @@ impl PairState {
 }
 
 /// One socket of a pair, with software-kept readiness.
-/// Invariants: `readable`/`writable` are cleared only by `WouldBlock` (or when the socket
-/// goes away); `interest` is what is currently registered with the poll (`None` = not).
+/// Invariants: `readable`/`writable` are cleared by `WouldBlock`, or by a short read/write
+/// that proves the socket drained/full (see `relay.rs`); `interest` is what is currently
+/// registered with the poll (`None` = not).
 #[derive(Debug, Default)]
 pub struct Half {
     pub sock: Option<TcpStream>,
     pub readable: bool,
     pub writable: bool,
     pub interest: Option<Interest>,
+    /// The peer's FIN (or an error) was reported (EPOLLRDHUP/ERR): read to the end, since no
+    /// further edge will come for it.
+    pub hup: bool,
 }
 
 /// One direction of bytes (source half -> destination half).
@@ -234,6 +238,7 @@ impl Pair {
                 readable: false,
                 writable: false,
                 interest: None,
+                hup: false,
             },
             upstream: Half::default(),
             up: Flow::default(),

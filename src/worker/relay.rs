@@ -22,6 +22,7 @@ impl Worker {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
+        let down_done = pair.down.done();
         let up = pump(
             &mut pair.client,
             &mut pair.upstream,
@@ -30,7 +31,9 @@ impl Worker {
             &mut self.pipes,
             &mut pair.splice,
             Side::Client,
+            down_done,
         );
+        let up_done = pair.up.done();
         let down = match up {
             Ok(_) => pump(
                 &mut pair.upstream,
@@ -40,6 +43,7 @@ impl Worker {
                 &mut self.pipes,
                 &mut pair.splice,
                 Side::Upstream,
+                up_done,
             ),
             Err(_) => Ok(0),
         };
@@ -154,7 +158,14 @@ fn splice_unsupported(e: &io::Error) -> bool {
 }
 
 /// Move bytes from `src` to `dst` through `flow` (its buffer, or its pipe when `splice` is
-/// on). Returns the bytes written to `dst`, or why the pair must close.
+/// on). Returns the bytes written to `dst`, or why the pair must close. `other_done`: the
+/// reverse direction has finished, so this EOF ends the pair and the close sends the FIN.
+///
+/// Readiness: besides `WouldBlock`, a short write (the socket's send buffer is full) and a
+/// short read without a reported hang-up (the receive queue is empty) clear the sticky bit:
+/// under edge triggering the next data, FIN, reset or free space raises a new edge, so the
+/// extra syscall that would only return `WouldBlock` is saved.
+#[allow(clippy::too_many_arguments)]
 fn pump(
     src: &mut Half,
     dst: &mut Half,
@@ -163,6 +174,7 @@ fn pump(
     pipes: &mut PipePool,
     splice: &mut bool,
     src_side: Side,
+    other_done: bool,
 ) -> Result<u64, CloseReason> {
     let dst_side = src_side.other();
     let mut moved = 0u64;
@@ -175,6 +187,7 @@ fn pump(
             let Some(sock) = dst.sock.as_mut() else {
                 break Err(CloseReason::Internal);
             };
+            let want = flow.pending();
             let res = match flow.pipe.as_ref() {
                 Some(pipe) if flow.piped > 0 => {
                     sys::splice(pipe.r.as_raw_fd(), sock.as_raw_fd(), flow.piped)
@@ -184,6 +197,9 @@ fn pump(
             match res {
                 Ok(0) => break Err(CloseReason::from_io(dst_side, io::ErrorKind::WriteZero)),
                 Ok(n) => {
+                    if n < want {
+                        dst.writable = false;
+                    }
                     if flow.piped > 0 {
                         flow.piped -= n;
                     } else {
@@ -204,7 +220,7 @@ fn pump(
         // 2. Empty and the source has ended: forward the EOF once.
         if flow.eof {
             if !flow.shut {
-                if let Some(sock) = dst.sock.as_ref() {
+                if !other_done && let Some(sock) = dst.sock.as_ref() {
                     // ENOTCONN here means the peer is already gone; the next read or write
                     // on that side reports it.
                     let _ = sock.shutdown(Shutdown::Write);
@@ -224,12 +240,16 @@ fn pump(
             flow.pipe = pipes.take();
         }
         let via_pipe = *splice && flow.pipe.is_some();
+        let mut room = SPLICE_CHUNK;
         let res = match flow.pipe.as_ref() {
             Some(pipe) if via_pipe => {
                 sys::splice(sock.as_raw_fd(), pipe.w.as_raw_fd(), SPLICE_CHUNK)
             }
             _ => match flow.buf.space(pool) {
-                Some(space) => sock.read(space),
+                Some(space) => {
+                    room = space.len();
+                    sock.read(space)
+                }
                 // Pool exhausted (cannot happen: it holds two buffers per pair slot). Leave
                 // the readiness set; the next event retries.
                 None => break Ok(()),
@@ -242,6 +262,9 @@ fn pump(
                     flow.piped = n;
                 } else {
                     flow.buf.filled(n);
+                    if n < room && !src.hup {
+                        src.readable = false;
+                    }
                 }
                 flow.read += n as u64;
             }
