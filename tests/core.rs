@@ -591,6 +591,15 @@ fn exhaust_fds_then_recover(proxy: &mut ProxyHandle) -> (Option<u64>, Option<u64
         pauses.is_some_and(|p| p >= 1),
         "summary shows no accept pause; stderr:\n{err}"
     );
+    // Regression: with the last descriptor spent on accept(), the upstream socket() failed
+    // and the accepted client was dropped as `no_backend`. Accepted clients must wait instead.
+    for reason in ["no_backend", "internal"] {
+        assert_eq!(
+            proxy.summary_sub("closed", reason),
+            Some(0),
+            "accepted clients were dropped ({reason}) under fd exhaustion; stderr:\n{err}"
+        );
+    }
     (limit, emfile)
 }
 

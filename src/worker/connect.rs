@@ -64,7 +64,21 @@ impl Worker {
                 continue;
             };
             match net::connect_nonblocking(t.cfg.addr) {
+                Err(e) if is_fd_exhaustion(&e) => {
+                    // Our own limit, not the target's: wait for a descriptor (the timer
+                    // retries), pause accepting meanwhile, and never drop the client for it.
+                    if !pair.waiting_fd {
+                        pair.waiting_fd = true;
+                        pair.deadline = self.now + app.cfg.connect_timeout;
+                    }
+                    if self.emfile_until.is_none() {
+                        self.emfile_until = Some(self.now + super::EMFILE_BACKOFF);
+                        self.count_pause(crate::stats::PauseCause::Emfile);
+                    }
+                    return;
+                }
                 Ok(sock) => {
+                    pair.waiting_fd = false;
                     t.counters.active.fetch_add(1, Relaxed);
                     pair.target_counted = true;
                     pair.upstream.sock = Some(sock);
@@ -173,4 +187,9 @@ impl Worker {
         pair.attempt += 1;
         self.start_connect(idx);
     }
+}
+
+/// Out of file descriptors (process or system).
+pub(super) fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }

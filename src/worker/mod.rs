@@ -122,7 +122,7 @@ pub struct Worker {
     /// Pairs closed in this batch; their slots are freed after it.
     pub(crate) closing: Vec<usize>,
     /// Scratch for the timer scan.
-    pub(crate) expired: Vec<(usize, bool)>,
+    pub(crate) expired: Vec<(usize, timer::Due)>,
     pub(crate) stats: Arc<WorkerStats>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) commands: Receiver<Command>,

@@ -222,6 +222,9 @@ pub struct Pair {
     pub reason: CloseReason,
     /// Relay with splice(2) (turned off for good if the kernel refuses it for this pair).
     pub splice: bool,
+    /// The upstream socket could not be created for lack of file descriptors: the connect is
+    /// retried by the timer until `deadline` (not the target's fault; health is untouched).
+    pub waiting_fd: bool,
 }
 
 impl Pair {
@@ -257,6 +260,7 @@ impl Pair {
             target_counted: false,
             reason: CloseReason::Internal,
             splice: false,
+            waiting_fd: false,
         }
     }
 

@@ -26,30 +26,43 @@ impl Worker {
         }
         self.expired.clear();
         let now = self.now;
+        let fd_retry = self.emfile_until.is_none();
         for (idx, pair) in self.pairs.iter() {
-            match pair.state {
-                PairState::Connecting => {
-                    if now >= pair.deadline {
-                        self.expired.push((idx, true));
-                    }
-                }
-                PairState::Open | PairState::HalfClosed => {
-                    if let Some(idle) = pair.app.cfg.idle_timeout
-                        && now.saturating_duration_since(pair.last_active) >= idle
-                    {
-                        self.expired.push((idx, false));
-                    }
-                }
-                PairState::Closed => {}
+            let due = match pair.state {
+                PairState::Connecting if pair.waiting_fd && now >= pair.deadline => Some(Due::NoFd),
+                PairState::Connecting if pair.waiting_fd => fd_retry.then_some(Due::Retry),
+                PairState::Connecting => (now >= pair.deadline).then_some(Due::ConnectTimeout),
+                PairState::Open | PairState::HalfClosed => pair
+                    .app
+                    .cfg
+                    .idle_timeout
+                    .filter(|idle| now.saturating_duration_since(pair.last_active) >= *idle)
+                    .map(|_| Due::Idle),
+                PairState::Closed => None,
+            };
+            if let Some(due) = due {
+                self.expired.push((idx, due));
             }
         }
         for i in 0..self.expired.len() {
-            let (idx, connecting) = self.expired[i];
-            if connecting {
-                self.connect_failed(idx, ConnectFail::Timeout);
-            } else {
-                self.close(idx, CloseReason::IdleTimeout);
+            let (idx, due) = self.expired[i];
+            match due {
+                Due::ConnectTimeout => self.connect_failed(idx, ConnectFail::Timeout),
+                Due::Idle => self.close(idx, CloseReason::IdleTimeout),
+                Due::Retry => self.start_connect(idx),
+                Due::NoFd => self.close(idx, CloseReason::NoBackend),
             }
         }
     }
+}
+
+/// What the timer found due for a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    ConnectTimeout,
+    Idle,
+    /// Retry a connect that found no free file descriptor.
+    Retry,
+    /// Gave up waiting for a file descriptor.
+    NoFd,
 }
