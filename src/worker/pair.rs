@@ -236,10 +236,12 @@ impl Pair {
     ) -> Pair {
         Pair {
             state: PairState::Connecting,
+            // A just-accepted socket has an empty send buffer: writable until a write says
+            // otherwise (saves two epoll_ctl calls and a wake-up per connection).
             client: Half {
                 sock: Some(client),
                 readable: false,
-                writable: false,
+                writable: true,
                 interest: None,
                 hup: false,
             },
