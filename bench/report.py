@@ -300,6 +300,8 @@ def main():
             print("  - " + n)
 
     if not a.out:
+        if a.chart:  # regenerate just the chart from a -raw.csv
+            make_chart(a.chart, med, order, subject)
         return
 
     # ------------------------------------------------------------ files
@@ -420,7 +422,9 @@ def main():
 
 
 def make_chart(path, med, order, subject):
-    proxies = [t for t in order if t != "direct"]
+    # The issue-2 comparison: the subject and HAProxy (hook phases have peers of their own
+    # and tables in the report; mixing them in would leave most bars empty).
+    proxies = [t for t in (subject, "haproxy", "epoxy-splice", "haproxy-splice") if t in order]
     ratios = [("a", "rps", "(a) keepalive req/s"), ("c", "rps", "(c) conn/req req/s"),
               ("d", "set_ops", "(d) redis SET"), ("d", "get_ops", "(d) redis GET"),
               ("e", "fwd_gbps", "(e) iperf3 fwd"), ("e", "rev_gbps", "(e) iperf3 rev")]
@@ -428,6 +432,10 @@ def make_chart(path, med, order, subject):
     cpu = [("a", "cpu_us_per_req", "(a) keepalive"), ("c", "cpu_us_per_req", "(c) conn/req"),
            ("d", "cpu_us_per_op", "(d) redis op")]
     cpu = [c for c in cpu if any((c[0], t, c[1]) in med for t in proxies)]
+    # gnuplot aborts a plot with a column of nothing but NaN: keep proxies measured here.
+    proxies = [t for t in proxies
+               if any((ph, t, m) in med for ph, m, _ in ratios)
+               and (not cpu or any((ph, t, m) in med for ph, m, _ in cpu))]
     if not proxies or (not ratios and not cpu):
         return False
     tmp = tempfile.mkdtemp(prefix="epoxy-chart.")
