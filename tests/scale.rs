@@ -5,7 +5,7 @@
 //!
 //! Every wait has a deadline; the big transfers hold `heavy_lock`.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -326,50 +326,7 @@ fn splice_half_close_both_ways() {
 
 #[test]
 fn splice_upstream_reset_closes_client() {
-    const LEN: u64 = MIB;
-    let (srv, resets) = reset_server(LEN, 0x7F);
-    let proxy = spawn_proxy_to(srv.addr(), &["--splice"]);
-    let mut c = connect(proxy.addr());
-    let start = Instant::now();
-    let mut got = Vec::with_capacity(LEN as usize);
-    let mut buf = vec![0u8; CHUNK];
-    let mut reset_at: Option<Instant> = None;
-    let how = loop {
-        if reset_at.is_none() {
-            reset_at = resets.try_recv().ok();
-        }
-        if let Some(t) = reset_at {
-            assert!(
-                t.elapsed() < Duration::from_secs(2),
-                "client still open 2 s after the upstream reset ({} bytes received)",
-                got.len()
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "upstream never reset?"
-        );
-        c.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        match c.read(&mut buf) {
-            Ok(0) => break Closed::Eof,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break Closed::Reset,
-            Err(e) => break Closed::OtherError(e.kind()),
-        }
-    };
-    assert!(got.len() as u64 <= LEN, "more bytes than the upstream sent");
-    assert!(
-        got == Pattern::bytes(0x7F, got.len()),
-        "bytes before the reset differ"
-    );
-    println!(
-        "splice upstream reset: client saw {how:?} after {} bytes",
-        got.len()
-    );
-    let text = exit_cleanly(proxy);
-    assert_eq!(summary_value(&text, "accepted"), Some(1));
+    upstream_reset_reaches_client(&["--splice"], 0x7F);
 }
 
 // ---------------------------------------------------------------------------------------------

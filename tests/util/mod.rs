@@ -1320,3 +1320,64 @@ pub fn wait_event(
         }
     }
 }
+
+/// An upstream that sends 1 MiB and then resets: the client (through a proxy started with
+/// `extra`) gets an intact prefix and is closed within 2 s, with a reset unless every byte
+/// made it through. Shared by the buffered and the splice path tests.
+pub fn upstream_reset_reaches_client(extra: &[&str], seed: u64) {
+    const LEN: u64 = 1 << 20;
+    let (srv, resets) = reset_server(LEN, seed);
+    let proxy = spawn_proxy_to(srv.addr(), extra);
+    let mut c = connect(proxy.addr());
+    let start = Instant::now();
+    let mut got = Vec::with_capacity(LEN as usize);
+    let mut buf = vec![0u8; CHUNK];
+    let mut reset_at: Option<Instant> = None;
+    let how = loop {
+        if reset_at.is_none() {
+            reset_at = resets.try_recv().ok();
+        }
+        if let Some(t) = reset_at {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "client still open 2 s after the upstream reset ({} bytes received)",
+                got.len()
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "upstream never reset?"
+        );
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        match c.read(&mut buf) {
+            Ok(0) => break Closed::Eof,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break Closed::Reset,
+            Err(e) => break Closed::OtherError(e.kind()),
+        }
+    };
+    assert!(got.len() as u64 <= LEN, "more bytes than the upstream sent");
+    let expect = Pattern::bytes(seed, got.len());
+    assert!(got == expect, "bytes before the reset differ");
+    eprintln!(
+        "upstream reset: client saw {how:?} after {} bytes",
+        got.len()
+    );
+    // Regression: a reset used to reach the client as a clean EOF, so a truncated stream
+    // looked complete. Unless every byte made it through, the client must see the reset.
+    // (Only when the server really reset: under a loaded suite a server thread can fail to
+    // spawn, and then its connection is dropped with a plain close.)
+    let server_reset = reset_at.is_some() || resets.recv_timeout(Duration::from_secs(2)).is_ok();
+    if !server_reset {
+        eprintln!("upstream reset: the reset server did not run; close kind not checked");
+    }
+    if server_reset && (got.len() as u64) < LEN {
+        assert!(
+            matches!(how, Closed::Reset),
+            "truncated stream ({} of {LEN} bytes) ended with {how:?}, not a reset",
+            got.len()
+        );
+    }
+}
