@@ -354,7 +354,6 @@ impl Proxy {
                 access_log: access_tx.clone(),
                 pipe_budget,
             };
-            let max_events = config.max_events;
             let mut worker =
                 Worker::new(setup, poll).map_err(|e| Error::io("register listeners", e))?;
             let thread = std::thread::Builder::new()
@@ -365,7 +364,7 @@ impl Proxy {
                     {
                         log::warn!("worker {id}: pin to CPU {cpu}: {e}");
                     }
-                    worker.run(max_events)
+                    worker.run()
                 })
                 .map_err(|e| Error::io("spawn worker thread", e))?;
             workers.push(WorkerHandle {

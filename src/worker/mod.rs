@@ -141,6 +141,7 @@ pub struct Worker {
     /// Pairs in `Connecting` (the timer only needs to run while some are, or idle timeouts).
     pub(crate) connecting: usize,
     pub(crate) idle_timeouts: bool,
+    pub(crate) max_events: usize,
     pub(crate) access_log: Option<SyncSender<AccessRecord>>,
 }
 
@@ -189,13 +190,14 @@ impl Worker {
             next_tick: now,
             connecting: 0,
             idle_timeouts,
+            max_events: setup.max_events.max(1),
             access_log: setup.access_log,
         })
     }
 
     /// Run until drained or stopped.
-    pub fn run(&mut self, max_events: usize) -> io::Result<()> {
-        let mut events = Events::with_capacity(max_events);
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(self.max_events);
         // Listeners were bound before the poll existed: drain anything already queued.
         self.accept_all();
         self.release_closed();
