@@ -4,26 +4,30 @@
 //! has bytes in flight, so idle pairs cost no buffer memory and recently used (hot) slots are
 //! reused first. Pure: no sockets, no clock; never allocates after `new`.
 
+use crate::sys::ZeroedRegion;
+
 /// Pool of fixed-size buffers carved out of one arena.
 pub struct BufPool {
     /// `count * size` bytes; slot `i` is `arena[i*size .. (i+1)*size]`.
-    arena: Vec<u8>,
+    arena: ZeroedRegion,
     size: usize,
     /// Free slots; LIFO. Capacity `count`, so pushes never allocate.
     free: Vec<u32>,
 }
 
 impl BufPool {
-    pub fn new(count: usize, size: usize) -> BufPool {
+    /// Reserve `count` buffers of `size` bytes. Fails (rather than aborting) when the address
+    /// space cannot be reserved.
+    pub fn new(count: usize, size: usize) -> std::io::Result<BufPool> {
         let count = count.min(u32::MAX as usize);
+        let bytes = count
+            .checked_mul(size)
+            .ok_or_else(|| std::io::Error::other("buffer pool size overflows"))?;
+        let arena = ZeroedRegion::new(bytes)?;
         let mut free = Vec::with_capacity(count);
         // Highest first so that slot 0 is handed out first (the arena fills from its start).
         free.extend((0..count as u32).rev());
-        BufPool {
-            arena: vec![0u8; count * size],
-            size,
-            free,
-        }
+        Ok(BufPool { arena, size, free })
     }
 
     pub fn buffer_size(&self) -> usize {
@@ -46,7 +50,7 @@ impl BufPool {
 
     fn slot(&mut self, slot: u32) -> &mut [u8] {
         let start = slot as usize * self.size;
-        &mut self.arena[start..start + self.size]
+        &mut self.arena.as_mut_slice()[start..start + self.size]
     }
 }
 
@@ -137,7 +141,7 @@ mod tests {
 
     #[test]
     fn slots_are_lifo_and_bounded() {
-        let mut pool = BufPool::new(2, 16);
+        let mut pool = BufPool::new(2, 16).expect("pool");
         let mut a = Buffer::default();
         let mut b = Buffer::default();
         let mut c = Buffer::default();
@@ -158,7 +162,7 @@ mod tests {
 
     #[test]
     fn cursor_tracks_pending_and_refuses_refill_until_flushed() {
-        let mut pool = BufPool::new(1, 8);
+        let mut pool = BufPool::new(1, 8).expect("pool");
         let mut a = Buffer::default();
         let s = a.space(&mut pool).map(|s| {
             s[..4].copy_from_slice(b"abcd");

@@ -354,8 +354,15 @@ impl Proxy {
                 access_log: access_tx.clone(),
                 pipe_budget,
             };
-            let mut worker =
-                Worker::new(setup, poll).map_err(|e| Error::io("register listeners", e))?;
+            let mut worker = Worker::new(setup, poll).map_err(|e| {
+                Error::io(
+                    format!(
+                        "start worker {id} (register listeners, reserve {} MiB of buffer space)",
+                        (max_conns * 2 * config.buffer_size) >> 20
+                    ),
+                    e,
+                )
+            })?;
             let thread = std::thread::Builder::new()
                 .name(format!("epoxy-worker-{id}"))
                 .spawn(move || {

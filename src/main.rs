@@ -128,9 +128,18 @@ fn log_periodic(proxy: &Proxy, last: &(Instant, Summary)) -> (Instant, Summary) 
     let s = proxy.summary();
     let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
     let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+    let active = proxy.state().shared.active();
+    let idle = active == 0
+        && s.accepted == last.1.accepted
+        && s.bytes_client_to_upstream == last.1.bytes_client_to_upstream
+        && s.bytes_upstream_to_client == last.1.bytes_upstream_to_client;
+    if idle {
+        // Nothing happened: no line (an idle proxy should not fill its log).
+        return (now, s);
+    }
     log::info!(
         "stats: active {} total {} ({:.1}/s), bytes client->upstream {} ({:.0} B/s), upstream->client {} ({:.0} B/s)",
-        proxy.state().shared.active(),
+        active,
         s.accepted,
         rate(s.accepted, last.1.accepted),
         s.bytes_client_to_upstream,

@@ -178,3 +178,66 @@ pub fn cgroup_memory_limit() -> Option<u64> {
     // cgroup v1 reports "no limit" as a huge number.
     (v < (1u64 << 60)).then_some(v)
 }
+
+/// Zero-filled memory reserved with mmap(MAP_NORESERVE): pages cost nothing until touched,
+/// and a refusal (strict overcommit, address-space limits) is an error instead of an abort.
+pub struct ZeroedRegion {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the region is plain memory owned by this value alone; access goes through
+// `&self`/`&mut self` borrows, so the usual aliasing rules apply across threads.
+unsafe impl Send for ZeroedRegion {}
+
+impl ZeroedRegion {
+    pub fn new(len: usize) -> io::Result<ZeroedRegion> {
+        if len == 0 {
+            return Ok(ZeroedRegion {
+                ptr: std::ptr::NonNull::dangling(),
+                len: 0,
+            });
+        }
+        // SAFETY: an anonymous private mapping with a null hint; no existing memory is
+        // affected, and the result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(ZeroedRegion { ptr, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `len` readable and writable bytes (zero-filled by the
+        // kernel) that live as long as `self`, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for ZeroedRegion {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping exactly the mapping created in `new`, once.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
+}

@@ -169,7 +169,7 @@ impl Worker {
             id: setup.id,
             poll,
             pairs: Slab::with_capacity(setup.max_conns),
-            pool: BufPool::new(setup.max_conns * 2, setup.buffer_size),
+            pool: BufPool::new(setup.max_conns * 2, setup.buffer_size)?,
             pipes: relay::PipePool::new(setup.pipe_budget),
             listeners,
             app_paused: vec![false; setup.apps.len()],
