@@ -3,15 +3,16 @@
 //! thread. Reads counters only; never touches a worker's loop except by asking it, through
 //! its command channel, for a list of live pairs.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
+use crate::backend::{AppCounters, AppRuntime, TargetRuntime};
 use crate::control::State;
 use crate::error::Error;
 use crate::stats::PauseCause;
@@ -33,9 +34,25 @@ fn esc(s: &str) -> String {
     o
 }
 
-fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+/// One metric family: HELP and TYPE lines, then `name{labels} value` per sample (`labels`
+/// already rendered, empty for none).
+fn family<L: fmt::Display, V: fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let labels = labels.to_string();
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
 }
 
 /// Process figures from /proc and getrusage.
@@ -79,270 +96,221 @@ pub fn render_prometheus(state: &State) -> String {
     let mut o = String::with_capacity(8192);
     let apps = state.apps();
     let sum = state.summary();
+    let now = crate::health::now_ms();
+    let ready = state.ready.load(Relaxed) && !state.draining.load(Relaxed);
+    let app = |a: &AppRuntime| format!("app=\"{}\"", esc(&a.cfg.name));
+    let target = |a: &AppRuntime, t: &TargetRuntime| {
+        format!(
+            "app=\"{}\",target=\"{}\"",
+            esc(&a.cfg.name),
+            esc(&t.cfg.name)
+        )
+    };
+    let targets = || {
+        apps.iter()
+            .flat_map(|a| a.targets.iter().map(move |t| (a, t)))
+    };
+    let per_reason = |pick: fn(&AppCounters) -> &[AtomicU64; CloseReason::COUNT]| {
+        apps.iter()
+            .flat_map(move |a| {
+                CloseReason::ALL.map(|r| {
+                    let l = format!("{},reason=\"{}\"", app(a), r.as_str());
+                    (l, pick(&a.counters)[r as usize].load(Relaxed))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
 
-    head(&mut o, "epoxy_build_info", "gauge", "Build information.");
-    let _ = writeln!(
-        o,
-        "epoxy_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
+    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    family(
+        &mut o,
+        "epoxy_build_info",
+        "gauge",
+        "Build information.",
+        [(version, 1)],
     );
-    head(
+    family(
         &mut o,
         "epoxy_up",
         "gauge",
         "1 while listeners are bound and the proxy is not draining.",
+        [("", u8::from(ready))],
     );
-    let ready = state.ready.load(Relaxed) && !state.draining.load(Relaxed);
-    let _ = writeln!(o, "epoxy_up {}", u8::from(ready));
-    head(
+    family(
         &mut o,
         "epoxy_max_connections",
         "gauge",
         "Effective global limit of concurrent pairs.",
+        [("", state.max_conns)],
     );
-    let _ = writeln!(o, "epoxy_max_connections {}", state.max_conns);
-
-    head(
+    family(
         &mut o,
         "epoxy_connections_active",
         "gauge",
         "Live connection pairs per app.",
+        apps.iter().map(|a| (app(a), a.active() as u64)),
     );
-    for a in &apps {
-        let _ = writeln!(
-            o,
-            "epoxy_connections_active{{app=\"{}\"}} {}",
-            esc(&a.cfg.name),
-            a.active()
-        );
-    }
-    head(
+    family(
         &mut o,
         "epoxy_connections_total",
         "counter",
         "Accepted client connections per app.",
+        apps.iter()
+            .map(|a| (app(a), a.counters.total.load(Relaxed))),
     );
-    for a in &apps {
-        let _ = writeln!(
-            o,
-            "epoxy_connections_total{{app=\"{}\"}} {}",
-            esc(&a.cfg.name),
-            a.counters.total.load(Relaxed)
-        );
-    }
-    head(
+    family(
         &mut o,
         "epoxy_bytes_total",
         "counter",
         "Bytes relayed per app: upstream = client to target, downstream = target to client.",
+        apps.iter().flat_map(|a| {
+            [
+                (
+                    format!("{},direction=\"upstream\"", app(a)),
+                    a.counters.bytes_up(),
+                ),
+                (
+                    format!("{},direction=\"downstream\"", app(a)),
+                    a.counters.bytes_down(),
+                ),
+            ]
+        }),
     );
-    for a in &apps {
-        let n = esc(&a.cfg.name);
-        let _ = writeln!(
-            o,
-            "epoxy_bytes_total{{app=\"{n}\",direction=\"upstream\"}} {}",
-            a.counters.bytes_up()
-        );
-        let _ = writeln!(
-            o,
-            "epoxy_bytes_total{{app=\"{n}\",direction=\"downstream\"}} {}",
-            a.counters.bytes_down()
-        );
-    }
-    head(
+    family(
         &mut o,
         "epoxy_closes_total",
         "counter",
         "Closed connection pairs per app and reason.",
+        per_reason(|c| &c.closed),
     );
-    for a in &apps {
-        let n = esc(&a.cfg.name);
-        for r in CloseReason::ALL {
-            let _ = writeln!(
-                o,
-                "epoxy_closes_total{{app=\"{n}\",reason=\"{}\"}} {}",
-                r.as_str(),
-                a.counters.closed[r as usize].load(Relaxed)
-            );
-        }
-    }
-    head(
+    family(
         &mut o,
         "epoxy_truncated_total",
         "counter",
         "Pairs closed with bytes read from one side but never delivered to the other.",
+        per_reason(|c| &c.truncated),
     );
-    for a in &apps {
-        let n = esc(&a.cfg.name);
-        for r in CloseReason::ALL {
-            let _ = writeln!(
-                o,
-                "epoxy_truncated_total{{app=\"{n}\",reason=\"{}\"}} {}",
-                r.as_str(),
-                a.counters.truncated[r as usize].load(Relaxed)
-            );
-        }
-    }
-    head(
+    family(
         &mut o,
         "epoxy_connect_errors_total",
         "counter",
         "Failed upstream connect attempts per target and reason.",
+        targets().flat_map(|(a, t)| {
+            ConnectFail::ALL.map(|r| {
+                (
+                    format!("{},reason=\"{}\"", target(a, t), r.as_str()),
+                    t.counters.connect_errors[r as usize].load(Relaxed),
+                )
+            })
+        }),
     );
-    for a in &apps {
-        let n = esc(&a.cfg.name);
-        for t in &a.targets {
-            let tn = esc(&t.cfg.name);
-            for r in ConnectFail::ALL {
-                let _ = writeln!(
-                    o,
-                    "epoxy_connect_errors_total{{app=\"{n}\",target=\"{tn}\",reason=\"{}\"}} {}",
-                    r.as_str(),
-                    t.counters.connect_errors[r as usize].load(Relaxed)
-                );
-            }
-        }
-    }
-    head(
+    family(
         &mut o,
         "epoxy_target_up",
         "gauge",
         "1 if the target is considered up by health checks.",
+        targets().map(|(a, t)| (target(a, t), u8::from(t.health.is_up(now)))),
     );
-    let now = crate::health::now_ms();
-    for a in &apps {
-        let n = esc(&a.cfg.name);
-        for t in &a.targets {
-            let _ = writeln!(
-                o,
-                "epoxy_target_up{{app=\"{n}\",target=\"{}\"}} {}",
-                esc(&t.cfg.name),
-                u8::from(t.health.is_up(now))
-            );
-        }
-    }
-    head(
+    family(
         &mut o,
         "epoxy_target_connections_active",
         "gauge",
         "Live pairs connected or connecting to a target.",
+        targets().map(|(a, t)| (target(a, t), t.active())),
     );
-    for a in &apps {
-        let n = esc(&a.cfg.name);
-        for t in &a.targets {
-            let _ = writeln!(
-                o,
-                "epoxy_target_connections_active{{app=\"{n}\",target=\"{}\"}} {}",
-                esc(&t.cfg.name),
-                t.active()
-            );
-        }
-    }
-    head(
+    family(
         &mut o,
         "epoxy_accept_pauses_total",
         "counter",
         "Times accepting was paused, by cause.",
+        PauseCause::ALL.map(|c| {
+            (
+                format!("cause=\"{}\"", c.as_str()),
+                sum.accept_pauses[c as usize],
+            )
+        }),
     );
-    for c in PauseCause::ALL {
-        let _ = writeln!(
-            o,
-            "epoxy_accept_pauses_total{{cause=\"{}\"}} {}",
-            c.as_str(),
-            sum.accept_pauses[c as usize]
-        );
-    }
-    head(
+    family(
         &mut o,
         "epoxy_config_reloads_total",
         "counter",
         "Configuration reloads by result.",
+        [
+            ("result=\"success\"", state.reloads[0].load(Relaxed)),
+            ("result=\"failure\"", state.reloads[1].load(Relaxed)),
+        ],
     );
-    let _ = writeln!(
-        o,
-        "epoxy_config_reloads_total{{result=\"success\"}} {}",
-        state.reloads[0].load(Relaxed)
-    );
-    let _ = writeln!(
-        o,
-        "epoxy_config_reloads_total{{result=\"failure\"}} {}",
-        state.reloads[1].load(Relaxed)
-    );
-    head(
+    family(
         &mut o,
         "epoxy_worker_connections_active",
         "gauge",
         "Live pairs per worker thread.",
+        state
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (format!("worker=\"{i}\""), w.active.get())),
     );
-    for (i, w) in state.workers.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "epoxy_worker_connections_active{{worker=\"{i}\"}} {}",
-            w.active.get()
-        );
-    }
-    head(
+    family(
         &mut o,
         "epoxy_worker_connections_total",
         "counter",
         "Accepted connections per worker thread.",
-    );
-    for (i, w) in state.workers.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "epoxy_worker_connections_total{{worker=\"{i}\"}} {}",
-            w.accepted.get()
-        );
-    }
-    head(
-        &mut o,
-        "epoxy_access_log_dropped_total",
-        "counter",
-        "Access-log lines dropped because the writer fell behind.",
+        state
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (format!("worker=\"{i}\""), w.accepted.get())),
     );
     let dropped: u64 = state
         .workers
         .iter()
         .map(|w| w.access_log_dropped.get())
         .sum();
-    let _ = writeln!(o, "epoxy_access_log_dropped_total {dropped}");
+    family(
+        &mut o,
+        "epoxy_access_log_dropped_total",
+        "counter",
+        "Access-log lines dropped because the writer fell behind.",
+        [("", dropped)],
+    );
 
     let p = process_info();
-    head(
+    family(
         &mut o,
         "process_cpu_seconds_total",
         "counter",
         "Total user and system CPU time spent in seconds.",
+        [("", p.cpu_seconds)],
     );
-    let _ = writeln!(o, "process_cpu_seconds_total {}", p.cpu_seconds);
-    head(
+    family(
         &mut o,
         "process_resident_memory_bytes",
         "gauge",
         "Resident memory size in bytes.",
+        [("", p.rss_bytes)],
     );
-    let _ = writeln!(o, "process_resident_memory_bytes {}", p.rss_bytes);
-    head(
+    family(
         &mut o,
         "process_open_fds",
         "gauge",
         "Number of open file descriptors.",
+        [("", p.open_fds)],
     );
-    let _ = writeln!(o, "process_open_fds {}", p.open_fds);
-    head(
+    family(
         &mut o,
         "process_max_fds",
         "gauge",
         "Maximum number of open file descriptors.",
+        [("", p.max_fds)],
     );
-    let _ = writeln!(o, "process_max_fds {}", p.max_fds);
-    head(
+    family(
         &mut o,
         "process_start_time_seconds",
         "gauge",
         "Start time of the process since unix epoch in seconds.",
+        [("", state.start_time)],
     );
-    let _ = writeln!(o, "process_start_time_seconds {}", state.start_time);
     o
 }
 

@@ -119,15 +119,9 @@ impl Summary {
             s.active += w.active.get();
             s.bytes_client_to_upstream += w.bytes_up.get();
             s.bytes_upstream_to_client += w.bytes_down.get();
-            for (t, c) in s.connect_fail.iter_mut().zip(&w.connect_fail) {
-                *t += c.get();
-            }
-            for (t, c) in s.accept_pauses.iter_mut().zip(&w.accept_pauses) {
-                *t += c.get();
-            }
-            for (t, c) in s.closed.iter_mut().zip(&w.closed) {
-                *t += c.get();
-            }
+            add_all(&mut s.connect_fail, &w.connect_fail);
+            add_all(&mut s.accept_pauses, &w.accept_pauses);
+            add_all(&mut s.closed, &w.closed);
         }
         s
     }
@@ -154,31 +148,44 @@ impl fmt::Display for Summary {
             "  bytes_upstream_to_client: {}",
             self.bytes_upstream_to_client
         )?;
-        write!(
+        breakdown(
             f,
-            "  connect_failures: {} (",
-            self.connect_fail.iter().sum::<u64>()
+            "connect_failures",
+            &ConnectFail::ALL.map(|r| r.as_str()),
+            &self.connect_fail,
         )?;
-        for (i, r) in ConnectFail::ALL.iter().enumerate() {
-            let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{}={}", r.as_str(), self.connect_fail[i])?;
-        }
-        writeln!(f, ")")?;
-        write!(
+        breakdown(
             f,
-            "  accept_pauses: {} (",
-            self.accept_pauses.iter().sum::<u64>()
+            "accept_pauses",
+            &PauseCause::ALL.map(|c| c.as_str()),
+            &self.accept_pauses,
         )?;
-        for (i, r) in PauseCause::ALL.iter().enumerate() {
-            let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{}={}", r.as_str(), self.accept_pauses[i])?;
-        }
-        writeln!(f, ")")?;
-        write!(f, "  closed: {} (", self.closed_total())?;
-        for (i, r) in CloseReason::ALL.iter().enumerate() {
-            let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{}={}", r.as_str(), self.closed[i])?;
-        }
-        writeln!(f, ")")
+        breakdown(
+            f,
+            "closed",
+            &CloseReason::ALL.map(|r| r.as_str()),
+            &self.closed,
+        )
     }
+}
+
+fn add_all(totals: &mut [u64], counters: &[Counter]) {
+    for (t, c) in totals.iter_mut().zip(counters) {
+        *t += c.get();
+    }
+}
+
+/// One summary line: `  name: total (a=1 b=2 ...)`.
+fn breakdown(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    labels: &[&str],
+    values: &[u64],
+) -> fmt::Result {
+    write!(f, "  {name}: {} (", values.iter().sum::<u64>())?;
+    for (i, (l, v)) in labels.iter().zip(values).enumerate() {
+        let sep = if i == 0 { "" } else { " " };
+        write!(f, "{sep}{l}={v}")?;
+    }
+    writeln!(f, ")")
 }

@@ -1243,24 +1243,9 @@ pub fn half_close_server_client_first(
     seed: u64,
 ) -> (Server, Receiver<(Instant, Event)>) {
     scripted_server(move |mut s, report| {
-        let mut buf = vec![0u8; CHUNK];
-        let mut h = Sha256::new();
-        let mut len = 0u64;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    h.update(&buf[..n]);
-                    len += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    report(Event::ReadEnded(Some(e.kind()), len));
-                    return;
-                }
-            }
+        if !hash_to_eof_and_report(&mut s, report) {
+            return;
         }
-        report(Event::RecvHash(len, finish(h)));
         if write_pattern(&mut s, seed, reply_len).is_ok() {
             report(Event::Wrote(reply_len));
         }
@@ -1280,24 +1265,7 @@ pub fn half_close_server_upstream_first(
         }
         let _ = s.shutdown(Shutdown::Write);
         report(Event::Wrote(len));
-        let mut buf = vec![0u8; CHUNK];
-        let mut h = Sha256::new();
-        let mut got = 0u64;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    h.update(&buf[..n]);
-                    got += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    report(Event::ReadEnded(Some(e.kind()), got));
-                    return;
-                }
-            }
-        }
-        report(Event::RecvHash(got, finish(h)));
+        hash_to_eof_and_report(&mut s, report);
     })
 }
 
@@ -1380,4 +1348,28 @@ pub fn upstream_reset_reaches_client(extra: &[&str], seed: u64) {
             got.len()
         );
     }
+}
+
+/// Reads `s` to EOF hashing what arrives, then reports `RecvHash` (true), or `ReadEnded` with
+/// the error (false).
+fn hash_to_eof_and_report(s: &mut TcpStream, report: &dyn Fn(Event)) -> bool {
+    let mut buf = vec![0u8; CHUNK];
+    let mut h = Sha256::new();
+    let mut len = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                report(Event::ReadEnded(Some(e.kind()), len));
+                return false;
+            }
+        }
+    }
+    report(Event::RecvHash(len, finish(h)));
+    true
 }
