@@ -119,12 +119,6 @@ const BAD: &[Bad] = &[
         Some(3),
     ),
     bad(
-        "listen-port-zero.toml",
-        "[[app]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\ntargets = [\"127.0.0.1:19001\"]\n",
-        Some("listen"),
-        Some(3),
-    ),
-    bad(
         "bad-duration.toml",
         "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\nconnect_timeout = \"5 parsecs\"\n",
         Some("connect_timeout"),

@@ -556,11 +556,11 @@ impl Settings {
 fn listen_addr(ctx: Ctx<'_>, l: &RawListenAt) -> Result<SocketAddr, ConfigError> {
     match &l.listen {
         RawListen::Port(p) => {
-            if !(1..=65535).contains(p) {
+            if !(0..=65535).contains(p) {
                 return Err(ctx.err(
                     l.line,
                     l.key,
-                    format!("port {p} is out of range (1..=65535)"),
+                    format!("port {p} is out of range (0..=65535; 0 = any free port)"),
                 ));
             }
             let port = u16::try_from(*p)
@@ -577,13 +577,6 @@ fn listen_addr(ctx: Ctx<'_>, l: &RawListenAt) -> Result<SocketAddr, ConfigError>
                     ),
                 )
             })?;
-            if addr.port() == 0 {
-                return Err(ctx.err(
-                    l.line,
-                    l.key,
-                    format!("'{s}': port 0 is not allowed (1..=65535)"),
-                ));
-            }
             Ok(addr)
         }
     }
@@ -662,9 +655,9 @@ fn target_addr(ctx: Ctx<'_>, t: &RawTarget) -> Result<SocketAddr, ConfigError> {
 }
 
 /// Whether binding `a` and `b` would collide (same port, and the same IP or a wildcard of the
-/// same family).
+/// same family). Port 0 (any free port) never collides: each such listener gets its own port.
 fn listen_overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    if a.port() != b.port() || a.is_ipv4() != b.is_ipv4() {
+    if a.port() == 0 || b.port() == 0 || a.port() != b.port() || a.is_ipv4() != b.is_ipv4() {
         return false;
     }
     a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
