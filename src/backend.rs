@@ -1,26 +1,15 @@
-//! Per-app runtime state shared by all workers: the app's settings, its live-pair count (for
-//! the per-app limit), its counters, and per target the live-pair count (least-conn), connect
-//! errors and health state. Shared atomics are written only on accept, connect and close; the
-//! bytes relayed are counted in per-worker single-writer cells (`bytes[worker]`), so the relay
-//! path never does a shared write. On reload, state of apps and targets with unchanged names
-//! is carried over (`Carry`), so counters never go backwards and health is kept.
+//! Per-app runtime state shared by all workers: one generation of an app's settings, its
+//! targets, and handles on their counters (defined and written in `stats.rs`) and health state
+//! (`health.rs`). On reload, the counters and health of apps and targets whose names stay are
+//! retained ([`Retained`]), so counters never go backwards and health is kept. Holds no
+//! counters of its own and never touches sockets.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use crate::config::{AppConfig, TargetConfig};
 use crate::health::TargetHealth;
-use crate::stats::Counter;
-use crate::worker::pair::{CloseReason, ConnectFail};
-
-/// Counters of one target that survive reloads (shared; written on connect only).
-#[derive(Debug, Default)]
-pub struct TargetCounters {
-    pub connect_errors: [AtomicU64; ConnectFail::COUNT],
-    /// Live pairs connected or connecting to this target, over all workers.
-    pub active: AtomicU32,
-}
+use crate::stats::{AppCounters, TargetCounters};
 
 pub struct TargetRuntime {
     pub cfg: TargetConfig,
@@ -30,46 +19,7 @@ pub struct TargetRuntime {
 
 impl TargetRuntime {
     pub fn active(&self) -> u32 {
-        self.counters.active.load(Relaxed)
-    }
-}
-
-/// Bytes relayed for one app by one worker (single writer: that worker).
-#[derive(Debug, Default)]
-#[repr(align(64))]
-pub struct BytesCell {
-    pub up: Counter,
-    pub down: Counter,
-}
-
-/// Counters of one app that survive reloads.
-#[derive(Debug)]
-pub struct AppCounters {
-    /// Live pairs of this app, over all workers.
-    pub active: AtomicUsize,
-    pub total: AtomicU64,
-    pub closed: [AtomicU64; CloseReason::COUNT],
-    /// Pairs that closed with bytes read but never delivered, by close reason.
-    pub truncated: [AtomicU64; CloseReason::COUNT],
-    /// Indexed by worker id.
-    pub bytes: Box<[BytesCell]>,
-}
-
-impl AppCounters {
-    pub fn new(workers: usize) -> AppCounters {
-        AppCounters {
-            active: AtomicUsize::new(0),
-            total: AtomicU64::new(0),
-            closed: Default::default(),
-            truncated: Default::default(),
-            bytes: (0..workers.max(1)).map(|_| BytesCell::default()).collect(),
-        }
-    }
-    pub fn bytes_up(&self) -> u64 {
-        self.bytes.iter().map(|b| b.up.get()).sum()
-    }
-    pub fn bytes_down(&self) -> u64 {
-        self.bytes.iter().map(|b| b.down.get()).sum()
+        self.counters.active()
     }
 }
 
@@ -79,16 +29,16 @@ pub struct AppRuntime {
     pub targets: Vec<TargetRuntime>,
 }
 
-/// State carried from one generation of apps to the next, keyed by names.
+/// Counters and health retained from one generation of apps to the next, keyed by names.
 #[derive(Default)]
-pub struct Carry {
+pub struct Retained {
     apps: HashMap<String, Arc<AppCounters>>,
     targets: HashMap<(String, String), (Arc<TargetCounters>, Arc<TargetHealth>)>,
 }
 
-impl Carry {
-    pub fn from_apps(apps: &[Arc<AppRuntime>]) -> Carry {
-        let mut c = Carry::default();
+impl Retained {
+    pub fn from_apps(apps: &[Arc<AppRuntime>]) -> Retained {
+        let mut c = Retained::default();
         for a in apps {
             c.apps.insert(a.cfg.name.clone(), a.counters.clone());
             for t in &a.targets {
@@ -103,8 +53,8 @@ impl Carry {
 }
 
 impl AppRuntime {
-    /// Build the runtime of `cfg`, reusing carried state for names seen before.
-    pub fn new(cfg: AppConfig, workers: usize, carry: &Carry) -> AppRuntime {
+    /// Build the runtime of `cfg`, reusing retained state for names seen before.
+    pub fn new(cfg: AppConfig, workers: usize, carry: &Retained) -> AppRuntime {
         let counters = carry
             .apps
             .get(&cfg.name)
@@ -140,12 +90,7 @@ impl AppRuntime {
     }
 
     pub fn active(&self) -> usize {
-        self.counters.active.load(Relaxed)
-    }
-
-    /// At or over the per-app limit.
-    pub fn at_limit(&self) -> bool {
-        self.cfg.max_conns.is_some_and(|m| self.active() >= m)
+        self.counters.active()
     }
 
     /// Far enough below the per-app limit to resume accepting (hysteresis).

@@ -1,36 +1,41 @@
-//! The runtime: turns a `Config` into running threads. Binds every listener on the calling
-//! thread first (so a bind error fails fast with one message), sizes limits from the fd limit,
-//! spawns one worker per configured worker (each with its own poll, listeners and channel +
-//! waker for commands) and the health checker, and collects the summary at the end. Never
-//! touches a worker's loop directly: it only sends commands.
+//! The lifecycle of a running proxy, in one place: start (bind every listener on the calling
+//! thread first, so a bind error fails fast with one message; size limits from the fd and
+//! cgroup limits; spawn workers, health checker, access log and admin), reload, drain
+//! (readiness off, `drain_delay`, listeners closed, `grace_period`, a second request stops at
+//! once), the periodic traffic line, and the final summary. [`Proxy::serve`] runs that loop
+//! for the binary and for embedders alike, driven by signals (SIGTERM/SIGINT drain, SIGHUP
+//! reload) and/or a [`ShutdownHandle`]. Never touches a worker's loop directly: it only sends
+//! commands through each worker's channel + waker.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Sender, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mio::{Poll, Waker};
+use mio::{Events, Interest, Poll, Token, Waker};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
 
-use crate::backend::{AppRuntime, Carry};
-use crate::config::{Config, DEFAULT_MAX_CONNS, Workers};
+use crate::access_log;
+use crate::admin::{AdminServer, LiveConnections, ProxyView};
+use crate::backend::{AppRuntime, Retained};
+use crate::config::{self, Config, DEFAULT_MAX_CONNS, Overrides, Workers};
 use crate::error::Error;
 use crate::health::{self, HealthTarget};
-use crate::stats::{Shared, Summary, WorkerStats};
-use crate::worker::{AccessRecord, Command, ConnInfo, NewListener, Worker, WorkerSetup, token};
-use crate::{metrics, net, sys};
+use crate::stats::{ConnInfo, Slots, Summary, WorkerStats};
+use crate::worker::{Command, ListenKey, NewListener, Worker, WorkerSetup, token};
+use crate::{net, sys};
 
 /// File descriptors kept free for listeners, the poll, logging and the like.
 const FD_RESERVE: u64 = 32;
-
-struct WorkerHandle {
-    thread: Option<JoinHandle<io::Result<()>>>,
-}
+/// How often the lifecycle loop checks for worker exit and periodic work.
+pub const CONTROL_TICK: Duration = Duration::from_millis(100);
 
 /// A way to reach one worker: its command channel and its poll's waker.
-pub struct WorkerLink {
+struct WorkerLink {
     tx: Mutex<Sender<Command>>,
     waker: Arc<Waker>,
 }
@@ -49,50 +54,28 @@ impl WorkerLink {
     }
 }
 
-/// What the control, admin and health threads share: read-mostly views of the running proxy.
-/// Workers never read this; they get commands.
-pub struct State {
-    /// The current generation of apps (replaced on reload).
-    pub apps: Mutex<Vec<Arc<AppRuntime>>>,
-    pub workers: Vec<Arc<WorkerStats>>,
-    pub links: Vec<WorkerLink>,
-    pub shared: Arc<Shared>,
-    /// Listeners are bound and serving.
-    pub ready: AtomicBool,
-    /// SIGTERM received: readyz answers 503.
-    pub draining: AtomicBool,
-    /// Config reloads: [success, failure].
-    pub reloads: [AtomicU64; 2],
-    pub started: Instant,
-    /// Unix time of the start, seconds.
-    pub start_time: f64,
-    pub max_conns: usize,
+/// Every worker's link; answers the admin's live-connection queries.
+struct WorkerLinks(Vec<WorkerLink>);
+
+impl WorkerLinks {
+    fn broadcast(&self, make: impl Fn() -> Command) -> usize {
+        self.0.iter().filter(|l| l.send(make())).count()
+    }
 }
 
-impl State {
-    pub fn apps(&self) -> Vec<Arc<AppRuntime>> {
-        self.apps.lock().map(|a| a.clone()).unwrap_or_default()
-    }
-
-    pub fn summary(&self) -> Summary {
-        Summary::collect(
-            self.workers.iter().map(|s| s.as_ref()),
-            &self.shared,
-            self.started.elapsed(),
-        )
-    }
-
+impl LiveConnections for WorkerLinks {
     /// Ask every worker for its live pairs (bounded wait).
-    pub fn connections(&self, timeout: Duration) -> Vec<ConnInfo> {
-        let mut out = Vec::new();
-        let mut replies = Vec::new();
-        for link in &self.links {
-            let (tx, rx) = mpsc::sync_channel(1);
-            if link.send(Command::Connections(tx)) {
-                replies.push(rx);
-            }
-        }
+    fn list(&self, timeout: Duration) -> Vec<ConnInfo> {
+        let replies: Vec<_> = self
+            .0
+            .iter()
+            .filter_map(|link| {
+                let (tx, rx) = mpsc::sync_channel(1);
+                link.send(Command::Connections(tx)).then_some(rx)
+            })
+            .collect();
         let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
         for rx in replies {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Ok(list) = rx.recv_timeout(left) {
@@ -103,18 +86,55 @@ impl State {
     }
 }
 
+/// A running health checker: its stop flag and thread.
+struct HealthThread(Arc<AtomicBool>, JoinHandle<()>);
+
+impl HealthThread {
+    /// Probe every target of `apps` that has active checks (`None`: no such target).
+    fn start(apps: &[Arc<AppRuntime>]) -> Result<Option<HealthThread>, Error> {
+        let targets = health_targets(apps);
+        if targets.is_empty() {
+            return Ok(None);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = health::spawn_checker(targets, stop.clone())
+            .map_err(|e| Error::io("spawn health checker", e))?;
+        Ok(Some(HealthThread(stop, t)))
+    }
+
+    fn stop(self) {
+        self.0.store(true, Ordering::Release);
+        let _ = self.1.join();
+    }
+}
+
+/// One listener as bound: its identity in the config and its actual address.
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    key: ListenKey,
+    actual: SocketAddr,
+}
+
 /// A running proxy. Dropping it stops it immediately.
 pub struct Proxy {
-    workers: Vec<WorkerHandle>,
-    state: Arc<State>,
-    /// Listen addresses as configured -> as bound (port 0 resolved), in config order.
-    bound: Vec<(SocketAddr, SocketAddr)>,
+    workers: Vec<Option<JoinHandle<io::Result<()>>>>,
+    links: Arc<WorkerLinks>,
+    view: Arc<ProxyView>,
+    /// Listeners in config order.
+    bound: Vec<Bound>,
     config: Config,
     nworkers: usize,
     health: Option<HealthThread>,
     access_thread: Option<JoinHandle<()>>,
-    admin: Option<metrics::AdminServer>,
-    failed: Mutex<Vec<String>>,
+    admin: Option<AdminServer>,
+    failed: Vec<String>,
+}
+
+/// How a served proxy ended: the final totals and the workers that failed (empty = clean).
+#[derive(Debug)]
+pub struct Finished {
+    pub summary: Summary,
+    pub failures: Vec<String>,
 }
 
 /// The effective global limit and why: the configured one (or the default), lowered to what
@@ -191,6 +211,45 @@ fn bind_all(
     Ok((actual, out))
 }
 
+/// Every listen entry of `cfg` with its identity: the address as configured and how many
+/// equal addresses came before it (two `127.0.0.1:0` entries are two listeners).
+fn listen_keys(cfg: &Config) -> Vec<(ListenKey, usize)> {
+    let mut out: Vec<(ListenKey, usize)> = Vec::new();
+    for (app, a) in cfg.apps.iter().enumerate() {
+        for &addr in &a.listen {
+            let nth = out.iter().filter(|(k, _)| k.addr == addr).count();
+            out.push((ListenKey { addr, nth }, app));
+        }
+    }
+    out
+}
+
+/// Listeners to bind, one `Vec` per worker.
+type PerWorker = Vec<Vec<NewListener>>;
+
+/// Bind every key of `keys` not in `keep_from` (whose bound address is reused).
+fn bind_new(
+    keys: &[(ListenKey, usize)],
+    keep_from: &[Bound],
+    backlog: i32,
+    nworkers: usize,
+) -> Result<(Vec<Bound>, PerWorker), Error> {
+    let mut per_worker: PerWorker = (0..nworkers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::with_capacity(keys.len());
+    for &(key, app) in keys {
+        if let Some(b) = keep_from.iter().find(|b| b.key == key) {
+            bound.push(*b);
+            continue;
+        }
+        let (actual, socks) = bind_all(key.addr, backlog, nworkers)?;
+        bound.push(Bound { key, actual });
+        for (list, sock) in per_worker.iter_mut().zip(socks) {
+            list.push(NewListener { sock, key, app });
+        }
+    }
+    Ok((bound, per_worker))
+}
+
 fn health_targets(apps: &[Arc<AppRuntime>]) -> Vec<HealthTarget> {
     let mut out = Vec::new();
     for a in apps {
@@ -209,53 +268,35 @@ fn health_targets(apps: &[Arc<AppRuntime>]) -> Vec<HealthTarget> {
     out
 }
 
-/// A running health checker: its stop flag and thread.
-type HealthThread = (Arc<AtomicBool>, JoinHandle<()>);
-
-fn start_health(apps: &[Arc<AppRuntime>]) -> Result<Option<HealthThread>, Error> {
-    let targets = health_targets(apps);
-    if targets.is_empty() {
-        return Ok(None);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let t = health::spawn_checker(targets, stop.clone())
-        .map_err(|e| Error::io("spawn health checker", e))?;
-    Ok(Some((stop, t)))
-}
-
-fn log_listeners(cfg: &Config, bound: &[(SocketAddr, SocketAddr)], only_new: &[SocketAddr]) {
-    for app in &cfg.apps {
-        let targets: Vec<&str> = app.targets.iter().map(|t| t.name.as_str()).collect();
-        for addr in &app.listen {
-            if !only_new.is_empty() && !only_new.contains(addr) {
-                continue;
-            }
-            let actual = bound
-                .iter()
-                .find(|(c, _)| c == addr)
-                .map_or(*addr, |(_, a)| *a);
-            log::info!(
-                "app '{}' listening on {} -> {} ({})",
-                app.name,
-                actual,
-                targets.join(", "),
-                app.balance.as_str()
-            );
+/// One "listening on" line per listener of `cfg` (only those in `only`, when given).
+fn log_listeners(cfg: &Config, bound: &[Bound], only: Option<&[ListenKey]>) {
+    for ((key, app), b) in listen_keys(cfg).into_iter().zip(bound) {
+        if only.is_some_and(|o| !o.contains(&key)) {
+            continue;
         }
+        let a = &cfg.apps[app];
+        let targets: Vec<&str> = a.targets.iter().map(|t| t.name.as_str()).collect();
+        log::info!(
+            "app '{}' listening on {} -> {} ({})",
+            a.name,
+            b.actual,
+            targets.join(", "),
+            a.balance.as_str()
+        );
     }
 }
 
-fn spawn_access_log() -> Result<(SyncSender<AccessRecord>, JoinHandle<()>), Error> {
-    let (tx, rx) = mpsc::sync_channel::<AccessRecord>(8192);
-    let t = std::thread::Builder::new()
-        .name("epoxy-access-log".into())
-        .spawn(move || {
-            while let Ok(r) = rx.recv() {
-                log::info!(target: "access", "{}", metrics::access_line(&r));
-            }
-        })
-        .map_err(|e| Error::io("spawn access-log thread", e))?;
-    Ok((tx, t))
+fn build_apps(cfg: &Config, nworkers: usize, retained: &Retained) -> Vec<Arc<AppRuntime>> {
+    cfg.apps
+        .iter()
+        .map(|a| Arc::new(AppRuntime::new(a.clone(), nworkers, retained)))
+        .collect()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Proxy {
@@ -266,10 +307,10 @@ impl Proxy {
         }
         let nofile = sys::raise_nofile_limit().unwrap_or(1024);
         let nworkers = worker_count(config.workers);
-        let nlisten: usize = config.apps.iter().map(|a| a.listen.len()).sum();
+        let keys = listen_keys(&config);
         let mem_limit = sys::cgroup_memory_limit();
         let (max_conns, notes) =
-            effective_max_conns(&config, nofile, nlisten * nworkers, mem_limit);
+            effective_max_conns(&config, nofile, keys.len() * nworkers, mem_limit);
         for note in notes {
             log::warn!("{note}");
         }
@@ -287,60 +328,33 @@ impl Proxy {
         };
         if !config.cpu_pin.is_empty() {
             let allowed = sys::allowed_cpus().unwrap_or_default();
-            for cpu in &config.cpu_pin {
-                if !allowed.contains(cpu) {
-                    return Err(Error::config(format!(
-                        "cpu_pin: CPU {cpu} is not available to this process (allowed: {allowed:?})"
-                    )));
-                }
+            if let Some(cpu) = config.cpu_pin.iter().find(|c| !allowed.contains(c)) {
+                return Err(Error::config(format!(
+                    "cpu_pin: CPU {cpu} is not available to this process (allowed: {allowed:?})"
+                )));
             }
         }
 
-        let carry = Carry::default();
-        let apps: Vec<Arc<AppRuntime>> = config
-            .apps
-            .iter()
-            .map(|a| Arc::new(AppRuntime::new(a.clone(), nworkers, &carry)))
-            .collect();
-
+        let apps = build_apps(&config, nworkers, &Retained::default());
         // Bind everything first: one socket per listen address per worker.
-        let mut per_worker: Vec<Vec<NewListener>> = (0..nworkers).map(|_| Vec::new()).collect();
-        let mut bound = Vec::new();
-        for (app_idx, app) in config.apps.iter().enumerate() {
-            for &addr in &app.listen {
-                let (actual, socks) = bind_all(addr, config.backlog, nworkers)?;
-                bound.push((addr, actual));
-                for (list, sock) in per_worker.iter_mut().zip(socks) {
-                    list.push(NewListener {
-                        sock,
-                        cfg_addr: addr,
-                        app: app_idx,
-                    });
-                }
-            }
-        }
+        let (bound, per_worker) = bind_new(&keys, &[], config.backlog, nworkers)?;
 
         let any_access_log = config.apps.iter().any(|a| a.access_log);
+        // With a config file the log thread runs always, so a reload can turn the log on.
         let (access_tx, access_thread) = if any_access_log || config.source.is_some() {
-            let (tx, t) = spawn_access_log()?;
+            let (tx, t) = access_log::spawn()?;
             (Some(tx), Some(t))
         } else {
             (None, None)
         };
 
-        let shared = Arc::new(Shared::default());
+        let global = Arc::new(Slots::default());
         let mut workers = Vec::with_capacity(nworkers);
         let mut stats = Vec::with_capacity(nworkers);
         let mut links = Vec::with_capacity(nworkers);
         for (id, listeners) in per_worker.into_iter().enumerate() {
-            let poll = Poll::new().map_err(|e| Error::io("create poll", e))?;
-            let waker = Arc::new(
-                Waker::new(poll.registry(), token::WAKER)
-                    .map_err(|e| Error::io("create waker", e))?,
-            );
-            let (tx, rx) = mpsc::channel();
             let wstats = Arc::new(WorkerStats::default());
-            let cpu = config.cpu_pin.get(id).copied();
+            let (tx, rx) = mpsc::channel();
             let setup = WorkerSetup {
                 id,
                 listeners,
@@ -349,34 +363,13 @@ impl Proxy {
                 buffer_size: config.buffer_size,
                 max_events: config.max_events,
                 stats: wstats.clone(),
-                shared: shared.clone(),
+                global: global.clone(),
                 commands: rx,
                 access_log: access_tx.clone(),
                 pipe_budget,
             };
-            let mut worker = Worker::new(setup, poll).map_err(|e| {
-                Error::io(
-                    format!(
-                        "start worker {id} (register listeners, reserve {} MiB of buffer space)",
-                        (max_conns * 2 * config.buffer_size) >> 20
-                    ),
-                    e,
-                )
-            })?;
-            let thread = std::thread::Builder::new()
-                .name(format!("epoxy-worker-{id}"))
-                .spawn(move || {
-                    if let Some(cpu) = cpu
-                        && let Err(e) = sys::pin_current_thread(cpu)
-                    {
-                        log::warn!("worker {id}: pin to CPU {cpu}: {e}");
-                    }
-                    worker.run()
-                })
-                .map_err(|e| Error::io("spawn worker thread", e))?;
-            workers.push(WorkerHandle {
-                thread: Some(thread),
-            });
+            let (thread, waker) = spawn_worker(setup, config.cpu_pin.get(id).copied())?;
+            workers.push(Some(thread));
             links.push(WorkerLink {
                 tx: Mutex::new(tx),
                 waker,
@@ -385,27 +378,26 @@ impl Proxy {
         }
         drop(access_tx);
 
-        let health = start_health(&apps)?;
-        let state = Arc::new(State {
+        let health = HealthThread::start(&apps)?;
+        let links = Arc::new(WorkerLinks(links));
+        let view = Arc::new(ProxyView {
             apps: Mutex::new(apps),
             workers: stats,
-            links,
-            shared,
+            global,
             ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             reloads: Default::default(),
             started: Instant::now(),
-            start_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
+            start_time: unix_now(),
             max_conns,
+            live: links.clone(),
         });
         let admin = match config.admin {
-            Some(addr) => Some(metrics::AdminServer::start(addr, state.clone())?),
+            Some(addr) => Some(AdminServer::start(addr, view.clone())?),
             None => None,
         };
 
-        log_listeners(&config, &bound, &[]);
+        log_listeners(&config, &bound, None);
         log::info!(
             "epoxy {} started: {} worker(s), max_conns {}, buffer {} B (worst-case buffer memory {} MiB), fd limit {}",
             env!("CARGO_PKG_VERSION"),
@@ -421,20 +413,21 @@ impl Proxy {
 
         Ok(Proxy {
             workers,
-            state,
+            links,
+            view,
             bound,
             config,
             nworkers,
             health,
             access_thread,
             admin,
-            failed: Mutex::new(Vec::new()),
+            failed: Vec::new(),
         })
     }
 
     /// The bound listener addresses (port 0 resolved), in config order.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.bound.iter().map(|(_, a)| *a).collect()
+        self.bound.iter().map(|b| b.actual).collect()
     }
 
     /// The admin endpoint's address, if enabled.
@@ -446,107 +439,109 @@ impl Proxy {
         &self.config
     }
 
-    pub fn state(&self) -> &Arc<State> {
-        &self.state
+    /// The read-only view the admin endpoint serves.
+    pub fn view(&self) -> &Arc<ProxyView> {
+        &self.view
     }
 
-    /// Apply a new configuration (SIGHUP): new listeners are bound first (a failure leaves
-    /// everything as it was), then every worker switches to the new apps; live pairs are
-    /// untouched, removed listeners close, unchanged targets keep their health state.
+    /// Apply a new configuration: new listeners are bound and health checks restarted first
+    /// (a failure leaves everything as it was), then every worker switches to the new apps;
+    /// live pairs are untouched, removed listeners close, unchanged targets keep their health
+    /// state and counters. Counted in `epoxy_config_reloads_total` either way.
     pub fn reload(&mut self, new: Config) -> Result<(), Error> {
-        let res = self.try_reload(new);
-        let slot = if res.is_ok() { 0 } else { 1 };
-        self.state.reloads[slot].fetch_add(1, Ordering::Relaxed);
+        let res = self.apply(new);
+        self.reload_done(res)
+    }
+
+    /// SIGHUP: re-read the file the configuration came from (with `overrides`, the flags it
+    /// was started with) and apply it; on any error keep the running configuration.
+    pub fn reload_from_source(&mut self, overrides: &Overrides) -> Result<(), Error> {
+        let Some(path) = self.config.source.clone() else {
+            log::warn!("reload: started without a config file (-c); nothing to reload");
+            return Ok(());
+        };
+        log::info!("reloading {}", path.display());
+        let res = config::load_file(&path, overrides)
+            .map_err(Error::from)
+            .and_then(|new| self.apply(new));
+        self.reload_done(res)
+    }
+
+    /// The one place a reload's outcome is counted and logged.
+    fn reload_done(&self, res: Result<(), Error>) -> Result<(), Error> {
+        self.view.reloads.record(res.is_ok());
+        if let Err(e) = &res {
+            log::error!("reload failed: {e}; keeping the running configuration");
+        }
         res
     }
 
-    /// Count a reload that failed before reaching the runtime (e.g. a config error).
-    pub fn count_failed_reload(&self) {
-        self.state.reloads[1].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn try_reload(&mut self, new: Config) -> Result<(), Error> {
-        if self.state.draining.load(Ordering::Relaxed) {
+    fn apply(&mut self, new: Config) -> Result<(), Error> {
+        if self.view.draining.load(Ordering::Relaxed) {
             return Err(Error::runtime("shutting down; reload ignored"));
         }
-        let carry = Carry::from_apps(&self.state.apps());
-        let apps: Vec<Arc<AppRuntime>> = new
-            .apps
-            .iter()
-            .map(|a| Arc::new(AppRuntime::new(a.clone(), self.nworkers, &carry)))
-            .collect();
-        // Listeners: keep those whose configured address stays; bind the new ones now.
-        let mut keep = Vec::new();
-        let mut per_worker: Vec<Vec<NewListener>> =
-            (0..self.nworkers).map(|_| Vec::new()).collect();
-        let mut bound = Vec::new();
-        let mut added = Vec::new();
-        for (app_idx, app) in new.apps.iter().enumerate() {
-            for &addr in &app.listen {
-                if let Some(&(c, a)) = self.bound.iter().find(|(c, _)| *c == addr) {
-                    keep.push((addr, app_idx));
-                    bound.push((c, a));
-                    continue;
-                }
-                let (actual, socks) = bind_all(addr, new.backlog, self.nworkers)?;
-                bound.push((addr, actual));
-                added.push(addr);
-                for (list, sock) in per_worker.iter_mut().zip(socks) {
-                    list.push(NewListener {
-                        sock,
-                        cfg_addr: addr,
-                        app: app_idx,
-                    });
-                }
+        let apps = build_apps(&new, self.nworkers, &Retained::from_apps(&self.view.apps()));
+        // Listeners: keep those whose configured identity stays; bind the new ones now.
+        let keys = listen_keys(&new);
+        let (bound, per_worker) = bind_new(&keys, &self.bound, new.backlog, self.nworkers)?;
+        // Health checks follow the new target set (states of unchanged targets retained),
+        // before any worker balances over it.
+        if let Some(h) = self.health.take() {
+            h.stop();
+        }
+        match HealthThread::start(&apps) {
+            Ok(h) => self.health = h,
+            Err(e) => {
+                self.health = HealthThread::start(&self.view.apps()).unwrap_or(None);
+                return Err(e);
             }
         }
-        let removed: Vec<SocketAddr> = self
-            .bound
+        // From here on nothing fails: switch the workers, then the view.
+        let keep: Vec<(ListenKey, usize)> = keys
             .iter()
-            .filter(|(c, _)| !bound.iter().any(|(n, _)| n == c))
-            .map(|(_, a)| *a)
+            .filter(|(k, _)| self.bound.iter().any(|b| b.key == *k))
+            .copied()
             .collect();
-        for (link, add) in self.state.links.iter().zip(per_worker) {
+        for (link, add) in self.links.0.iter().zip(per_worker) {
             link.send(Command::Reload {
                 apps: apps.clone(),
                 keep: keep.clone(),
                 add,
             });
         }
-        // Health checks follow the new target set (states of unchanged targets carried).
-        if let Some((stop, t)) = self.health.take() {
-            stop.store(true, Ordering::Relaxed);
-            let _ = t.join();
-        }
-        self.health = start_health(&apps)?;
-        if let Ok(mut cur) = self.state.apps.lock() {
+        if let Ok(mut cur) = self.view.apps.lock() {
             *cur = apps;
         }
-        for g in ["workers", "max_conns", "buffer_size", "max_events"] {
-            let changed = match g {
-                "workers" => new.workers != self.config.workers,
-                "max_conns" => new.max_conns != self.config.max_conns,
-                "buffer_size" => new.buffer_size != self.config.buffer_size,
-                _ => new.max_events != self.config.max_events,
-            };
-            if changed {
-                log::warn!("reload: '{g}' changed; it takes effect only after a restart");
-            }
+        let changed = [
+            ("workers", new.workers != self.config.workers),
+            ("max_conns", new.max_conns != self.config.max_conns),
+            ("buffer_size", new.buffer_size != self.config.buffer_size),
+            ("max_events", new.max_events != self.config.max_events),
+        ];
+        for (key, _) in changed.iter().filter(|(_, c)| *c) {
+            log::warn!("reload: '{key}' changed; it takes effect only after a restart");
         }
-        log_listeners(&new, &bound, &added);
-        for r in &removed {
-            log::info!("listener {r} removed; its live connections continue");
+        let added: Vec<ListenKey> = bound
+            .iter()
+            .map(|b| b.key)
+            .filter(|k| !self.bound.iter().any(|o| o.key == *k))
+            .collect();
+        log_listeners(&new, &bound, Some(&added));
+        for old in self
+            .bound
+            .iter()
+            .filter(|o| !bound.iter().any(|b| b.key == o.key))
+        {
+            log::info!(
+                "listener {} removed; its live connections continue",
+                old.actual
+            );
         }
         self.bound = bound;
-        let keep_runtime = (
-            self.config.workers,
-            self.config.max_conns,
-            self.config.buffer_size,
-        );
         self.config = Config {
-            workers: keep_runtime.0,
-            max_conns: keep_runtime.1,
-            buffer_size: keep_runtime.2,
+            workers: self.config.workers,
+            max_conns: self.config.max_conns,
+            buffer_size: self.config.buffer_size,
             max_events: self.config.max_events,
             ..new
         };
@@ -558,15 +553,9 @@ impl Proxy {
         Ok(())
     }
 
-    fn send(&self, make: impl Fn() -> Command) {
-        for l in &self.state.links {
-            l.send(make());
-        }
-    }
-
     /// Mark not ready (readyz 503) without closing anything yet: the start of a drain.
     pub fn begin_drain(&self) {
-        self.state.draining.store(true, Ordering::Relaxed);
+        self.view.draining.store(true, Ordering::Relaxed);
     }
 
     /// Stop accepting now; live pairs get the configured grace period. Returns once every
@@ -574,16 +563,11 @@ impl Proxy {
     pub fn shutdown(&self) {
         self.begin_drain();
         let grace = self.config.grace;
-        let (tx, rx) = mpsc::sync_channel(self.state.links.len());
-        let mut sent = 0;
-        for l in &self.state.links {
-            if l.send(Command::Drain {
-                grace,
-                ack: Some(tx.clone()),
-            }) {
-                sent += 1;
-            }
-        }
+        let (tx, rx) = mpsc::sync_channel(self.links.0.len());
+        let sent = self.links.broadcast(|| Command::Drain {
+            grace,
+            ack: Some(tx.clone()),
+        });
         let deadline = Instant::now() + Duration::from_secs(1);
         for _ in 0..sent {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -591,29 +575,75 @@ impl Proxy {
                 break;
             }
         }
+        log::info!(
+            "shutting down: listeners closed; {} live connection(s) get up to {:?}",
+            self.view.active(),
+            grace
+        );
     }
 
     /// Close everything now. Non-blocking.
     pub fn stop_now(&self) {
         self.begin_drain();
-        self.send(|| Command::Stop);
+        self.links.broadcast(|| Command::Stop);
     }
 
     /// All workers have exited.
     pub fn is_finished(&self) -> bool {
         self.workers
             .iter()
-            .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
+            .all(|w| w.as_ref().is_none_or(|t| t.is_finished()))
     }
 
     /// Current totals.
     pub fn summary(&self) -> Summary {
-        self.state.summary()
+        self.view.summary()
     }
 
-    /// Errors of workers that stopped abnormally (after `join`).
-    pub fn failures(&self) -> Vec<String> {
-        self.failed.lock().map(|f| f.clone()).unwrap_or_default()
+    /// Drive the lifecycle until every worker has exited, then join everything. Requests come
+    /// from `life` (signals and/or `ShutdownHandle`s): the first shutdown request turns
+    /// readiness off, closes the listeners after `drain_delay` and gives live pairs
+    /// `grace_period`; a second one closes everything at once. A reload request re-reads the
+    /// config file with `overrides`. Logs the periodic traffic line every `log_interval`.
+    pub fn serve(mut self, mut life: Lifecycle, overrides: &Overrides) -> Result<Finished, Error> {
+        let mut draining = false;
+        let mut close_listeners_at: Option<Instant> = None;
+        let mut periodic = Periodic::new(self.summary());
+        while !self.is_finished() {
+            for req in life.wait(CONTROL_TICK)? {
+                match req {
+                    Request::Shutdown if draining => {
+                        log::info!("second signal: closing all connections now");
+                        self.stop_now();
+                    }
+                    Request::Shutdown => {
+                        draining = true;
+                        self.begin_drain();
+                        let delay = self.config.drain_delay;
+                        if delay.is_zero() {
+                            self.shutdown();
+                        } else {
+                            log::info!(
+                                "shutting down: readyz now 503; listeners close in {delay:?}"
+                            );
+                            close_listeners_at = Some(Instant::now() + delay);
+                        }
+                    }
+                    Request::Reload => {
+                        // Logged and counted inside; the running configuration stays.
+                        let _ = self.reload_from_source(overrides);
+                    }
+                }
+            }
+            if close_listeners_at.is_some_and(|t| Instant::now() >= t) {
+                close_listeners_at = None;
+                self.shutdown();
+            }
+            if let Some(every) = self.config.log_interval {
+                periodic.maybe_log(&self.view, every);
+            }
+        }
+        Ok(self.finish())
     }
 
     /// Wait for every worker to exit, stop the helpers, and return the final totals.
@@ -623,26 +653,27 @@ impl Proxy {
     }
 
     /// Like `join`, also returning the workers' failures (empty = clean).
-    pub fn join_with_failures(mut self) -> (Summary, Vec<String>) {
+    pub fn finish(mut self) -> Finished {
         self.join_threads();
-        (self.summary(), self.failures())
+        Finished {
+            summary: self.summary(),
+            failures: std::mem::take(&mut self.failed),
+        }
     }
 
     fn join_threads(&mut self) {
-        let mut failed = Vec::new();
         for (i, w) in self.workers.iter_mut().enumerate() {
-            if let Some(t) = w.thread.take() {
+            if let Some(t) = w.take() {
                 match t.join() {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => failed.push(format!("worker {i}: {e}")),
-                    Err(_) => failed.push(format!("worker {i}: panicked")),
+                    Ok(Err(e)) => self.failed.push(format!("worker {i}: {e}")),
+                    Err(_) => self.failed.push(format!("worker {i}: panicked")),
                 }
             }
         }
-        self.state.ready.store(false, Ordering::Relaxed);
-        if let Some((stop, t)) = self.health.take() {
-            stop.store(true, Ordering::Relaxed);
-            let _ = t.join();
+        self.view.ready.store(false, Ordering::Relaxed);
+        if let Some(h) = self.health.take() {
+            h.stop();
         }
         if let Some(a) = self.admin.take() {
             a.stop();
@@ -651,20 +682,199 @@ impl Proxy {
         if let Some(t) = self.access_thread.take() {
             let _ = t.join();
         }
-        if let Ok(mut f) = self.failed.lock() {
-            f.extend(failed);
-        }
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if self.workers.iter().any(|w| w.thread.is_some()) {
+        if self.workers.iter().any(Option::is_some) {
             self.stop_now();
         }
         self.join_threads();
     }
 }
 
-/// How often `main` checks for worker exit and periodic work while handling signals.
-pub const CONTROL_TICK: Duration = Duration::from_millis(100);
+/// Create a worker's poll and waker, build it, and start its thread (pinned to `cpu`).
+fn spawn_worker(
+    setup: WorkerSetup,
+    cpu: Option<usize>,
+) -> Result<(JoinHandle<io::Result<()>>, Arc<Waker>), Error> {
+    let id = setup.id;
+    let reserve_mib = (setup.max_conns * 2 * setup.buffer_size) >> 20;
+    let poll = Poll::new().map_err(|e| Error::io("create poll", e))?;
+    let waker = Arc::new(
+        Waker::new(poll.registry(), token::WAKER).map_err(|e| Error::io("create waker", e))?,
+    );
+    let mut worker = Worker::new(setup, poll).map_err(|e| {
+        Error::io(
+            format!(
+                "start worker {id} (register listeners, reserve {reserve_mib} MiB of buffer space)"
+            ),
+            e,
+        )
+    })?;
+    let thread = std::thread::Builder::new()
+        .name(format!("epoxy-worker-{id}"))
+        .spawn(move || {
+            if let Some(cpu) = cpu
+                && let Err(e) = sys::pin_current_thread(cpu)
+            {
+                log::warn!("worker {id}: pin to CPU {cpu}: {e}");
+            }
+            worker.run()
+        })
+        .map_err(|e| Error::io("spawn worker thread", e))?;
+    Ok((thread, waker))
+}
+
+/// The periodic traffic line: rates since the last line; nothing while idle.
+struct Periodic {
+    at: Instant,
+    last: Summary,
+}
+
+impl Periodic {
+    fn new(now: Summary) -> Periodic {
+        Periodic {
+            at: Instant::now(),
+            last: now,
+        }
+    }
+
+    fn maybe_log(&mut self, view: &ProxyView, every: Duration) {
+        if self.at.elapsed() < every {
+            return;
+        }
+        let now = Instant::now();
+        let s = view.summary();
+        let secs = now.duration_since(self.at).as_secs_f64().max(1e-3);
+        let last = &self.last;
+        let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+        let active = view.active();
+        let idle = active == 0
+            && s.accepted == last.accepted
+            && s.bytes_client_to_upstream == last.bytes_client_to_upstream
+            && s.bytes_upstream_to_client == last.bytes_upstream_to_client;
+        if !idle {
+            log::info!(
+                "stats: active {} total {} ({:.1}/s), bytes client->upstream {} ({:.0} B/s), upstream->client {} ({:.0} B/s)",
+                active,
+                s.accepted,
+                rate(s.accepted, last.accepted),
+                s.bytes_client_to_upstream,
+                rate(s.bytes_client_to_upstream, last.bytes_client_to_upstream),
+                s.bytes_upstream_to_client,
+                rate(s.bytes_upstream_to_client, last.bytes_upstream_to_client),
+            );
+        }
+        self.at = now;
+        self.last = s;
+    }
+}
+
+/// What a lifecycle request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// SIGTERM/SIGINT: drain; a second one stops at once.
+    Shutdown,
+    /// SIGHUP: re-read the config file.
+    Reload,
+}
+
+const SIGNALS: Token = Token(0);
+const HANDLES: Token = Token(1);
+
+/// Where lifecycle requests come from: the process's signals (when installed) and any
+/// number of [`ShutdownHandle`]s. Create it before [`Proxy::start`] so that a signal during
+/// start-up is not lost to the default handler.
+pub struct Lifecycle {
+    poll: Poll,
+    events: Events,
+    signals: Option<Signals>,
+    rx: Receiver<Request>,
+    handle: ShutdownHandle,
+}
+
+impl Lifecycle {
+    /// Requests from SIGTERM, SIGINT and SIGHUP, and from handles.
+    pub fn with_signals() -> Result<Lifecycle, Error> {
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+            .map_err(|e| Error::io("install signal handlers", e))?;
+        let life = Lifecycle::new()?;
+        life.poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| Error::io("register signals", e))?;
+        Ok(Lifecycle {
+            signals: Some(signals),
+            ..life
+        })
+    }
+
+    /// Requests from handles only (for programs that embed the proxy).
+    pub fn new() -> Result<Lifecycle, Error> {
+        let poll = Poll::new().map_err(|e| Error::io("create control poll", e))?;
+        let waker = Arc::new(
+            Waker::new(poll.registry(), HANDLES).map_err(|e| Error::io("create waker", e))?,
+        );
+        let (tx, rx) = mpsc::channel();
+        Ok(Lifecycle {
+            poll,
+            events: Events::with_capacity(8),
+            signals: None,
+            rx,
+            handle: ShutdownHandle { tx, waker },
+        })
+    }
+
+    /// A handle that sends requests to this lifecycle from any thread.
+    pub fn handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// The requests that arrived within `timeout`, in order.
+    fn wait(&mut self, timeout: Duration) -> Result<Vec<Request>, Error> {
+        if let Err(e) = self.poll.poll(&mut self.events, Some(timeout))
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            return Err(Error::io("poll signals", e));
+        }
+        let mut out = Vec::new();
+        if let Some(signals) = self.signals.as_mut() {
+            for sig in signals.pending() {
+                match sig {
+                    SIGINT | SIGTERM => out.push(Request::Shutdown),
+                    SIGHUP => out.push(Request::Reload),
+                    _ => {}
+                }
+            }
+        }
+        out.extend(self.rx.try_iter());
+        Ok(out)
+    }
+}
+
+/// Sends lifecycle requests to a serving proxy, like the signals do. Cheap to clone.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    tx: Sender<Request>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    fn send(&self, r: Request) {
+        if self.tx.send(r).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// As SIGTERM: drain (a second call closes everything at once).
+    pub fn shutdown(&self) {
+        self.send(Request::Shutdown);
+    }
+
+    /// As SIGHUP: re-read the config file.
+    pub fn reload(&self) {
+        self.send(Request::Reload);
+    }
+}

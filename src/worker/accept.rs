@@ -2,17 +2,19 @@
 //! pause instead of spinning when a limit is reached (global or per-app `max_conns`, with
 //! hysteresis) or file descriptors run out (EMFILE/ENFILE, retried on the timer). A paused
 //! listener keeps its sticky readiness, so accepting resumes without waiting for a new edge.
-//! Never accepts a connection only to drop it.
+//! Never accepts a connection only to drop it: the global and per-app slots are reserved
+//! *before* `accept(2)` (given back if it finds nothing), so both limits are exact across
+//! workers.
 
 use std::io;
-use std::sync::atomic::Ordering::Relaxed;
 
 use super::pair::Pair;
-use super::token::{self, Side};
+use super::token;
 use super::{EMFILE_BACKOFF, Worker};
 use crate::backend::resume_mark;
 use crate::net;
-use crate::stats::PauseCause;
+use crate::outcome::{CloseReason, PauseCause, Side};
+use crate::stats::Limit;
 
 impl Worker {
     pub(super) fn on_listener_event(&mut self, i: usize) {
@@ -28,35 +30,40 @@ impl Worker {
         }
     }
 
-    /// Whether new pairs may be admitted for `app` now (counts a pause on the transition).
+    /// Reserve the slots for one more client of `app`, or say no and pause (counting the
+    /// pause on the transition). `true` = the caller holds a reservation it must either give
+    /// to a pair or give back (`Recorder::unreserve`).
     fn admit(&mut self, app: usize) -> bool {
-        if self.emfile_until.is_some() || self.grace_deadline.is_some() {
-            return false;
-        }
-        if self.limit_paused {
+        if self.accept_backoff_until.is_some()
+            || self.grace_deadline.is_some()
+            || self.limit_paused
+            || self.app_paused[app]
+        {
             return false;
         }
         // The slab also holds pairs closed in this batch until it ends: count them too, so an
         // accepted client always finds a slot.
-        if self.shared.active() >= self.max_conns || self.pairs.len() >= self.pairs.capacity() {
-            self.limit_paused = true;
-            self.count_pause(PauseCause::Limit);
-            log::debug!(
-                "worker {}: max_conns {} reached, pausing accept",
-                self.id,
-                self.max_conns
-            );
-            return false;
+        let full = self.pairs.len() >= self.pairs.capacity();
+        let a = &self.apps[app];
+        let res = if full {
+            Err(Limit::Global)
+        } else {
+            self.rec.try_reserve(&a.counters, a.cfg.max_conns)
+        };
+        match res {
+            Ok(()) => return true,
+            Err(Limit::Global) => {
+                self.limit_paused = true;
+                log::debug!(
+                    "worker {}: max_conns {} reached, pausing accept",
+                    self.id,
+                    self.max_conns
+                );
+            }
+            Err(Limit::App) => self.app_paused[app] = true,
         }
-        if self.app_paused[app] {
-            return false;
-        }
-        if self.apps[app].at_limit() {
-            self.app_paused[app] = true;
-            self.count_pause(PauseCause::Limit);
-            return false;
-        }
-        true
+        self.rec.record_pause(PauseCause::Limit);
+        false
     }
 
     fn accept_on(&mut self, i: usize) {
@@ -70,56 +77,65 @@ impl Worker {
             }
             let res = match self.listeners.get_mut(i) {
                 Some(Some(l)) => l.sock.accept(),
-                _ => return,
+                _ => Err(io::ErrorKind::NotFound.into()),
             };
-            match res {
-                Ok((sock, addr)) => self.on_accept(sock, addr, app),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            let e = match res {
+                Ok((sock, addr)) => {
+                    self.on_accept(sock, addr, app);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            // Nothing was accepted: the reservation goes back.
+            self.rec.unreserve(&self.apps[app].counters);
+            match e {
+                e if e.kind() == io::ErrorKind::NotFound => return,
+                e if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Some(Some(l)) = self.listeners.get_mut(i) {
                         l.readable = false;
                     }
                     return;
                 }
-                Err(e)
-                    if e.kind() == io::ErrorKind::Interrupted
-                        || e.kind() == io::ErrorKind::ConnectionAborted =>
+                e if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::ConnectionAborted =>
                 {
                     continue;
                 }
-                Err(e) if is_resource_exhaustion(&e) => {
-                    self.emfile_until = Some(self.now + EMFILE_BACKOFF);
-                    self.count_pause(PauseCause::Emfile);
+                e if is_resource_exhaustion(&e) => {
+                    self.accept_backoff_until = Some(self.now + EMFILE_BACKOFF);
+                    self.rec.record_pause(PauseCause::Emfile);
                     log::debug!("worker {}: accept: {e}; pausing accept", self.id);
                     return;
                 }
-                Err(e) => {
-                    log::warn!("worker {}: accept: {e}", self.id);
-                    self.emfile_until = Some(self.now + EMFILE_BACKOFF);
+                e => {
+                    // Not expected from accept4 on a listening socket; back off rather than
+                    // spin on an edge-triggered listener that may keep failing.
+                    log::warn!("worker {}: accept: {e}; pausing accept briefly", self.id);
+                    self.accept_backoff_until = Some(self.now + EMFILE_BACKOFF);
                     return;
                 }
             }
         }
     }
 
+    /// A client accepted into a reserved slot becomes a pair and starts connecting.
     fn on_accept(&mut self, sock: mio::net::TcpStream, addr: std::net::SocketAddr, app: usize) {
         if let Err(e) = net::tune_accepted(&sock) {
             log::debug!("tune accepted socket: {e}");
         }
+        let app_rt = self.apps[app].clone();
         if self.pairs.len() >= self.pairs.capacity() {
-            // Cannot happen while the global limit holds (capacity = max_conns); refuse
-            // loudly rather than grow the slab on the hot path.
+            // Cannot happen: `admit` checks the slab before reserving. Refuse loudly rather
+            // than grow the slab on the hot path.
             log::warn!(
                 "worker {}: pair table full; closing new client {addr}",
                 self.id
             );
-            self.stats.closed[super::pair::CloseReason::Internal as usize].add(1);
+            self.rec
+                .record_refused(&app_rt.counters, CloseReason::Internal);
             return;
         }
-        self.shared.open();
-        let app_rt = self.apps[app].clone();
-        app_rt.counters.active.fetch_add(1, Relaxed);
-        app_rt.counters.total.fetch_add(1, Relaxed);
-        self.stats.accepted.add(1);
+        self.rec.record_accept(&app_rt.counters);
         let entry = self.pairs.vacant_entry();
         let idx = entry.key();
         let splice = app_rt.cfg.splice;
@@ -127,15 +143,14 @@ impl Worker {
         pair.splice = splice;
         entry.insert(pair);
         self.connecting += 1;
-        self.stats.set_active(self.pairs.len());
+        self.rec.set_active(self.pairs.len());
         let registry = self.poll.registry();
         let pair = &mut self.pairs[idx];
-        let want = mio::Interest::READABLE;
         Worker::set_interest(
             registry,
             &mut pair.client,
             token::pair(idx, Side::Client),
-            want,
+            mio::Interest::READABLE,
         );
         self.choose_candidates(idx, app);
         self.start_connect(idx);
@@ -145,13 +160,13 @@ impl Worker {
     /// back-off.
     pub(super) fn maybe_resume_accepting(&mut self) {
         let mut resume = false;
-        if let Some(until) = self.emfile_until
+        if let Some(until) = self.accept_backoff_until
             && self.now >= until
         {
-            self.emfile_until = None;
+            self.accept_backoff_until = None;
             resume = true;
         }
-        if self.limit_paused && self.shared.active() <= resume_mark(self.max_conns) {
+        if self.limit_paused && self.rec.global_active() <= resume_mark(self.max_conns) {
             self.limit_paused = false;
             resume = true;
         }

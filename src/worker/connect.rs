@@ -4,13 +4,13 @@
 //! refusal, error or timeout. Feeds passive health. Never blocks.
 
 use std::io;
-use std::sync::atomic::Ordering::Relaxed;
 
 use super::Worker;
-use super::pair::{CloseReason, ConnectFail, MAX_ATTEMPTS, PairState};
-use super::token::{self, Side};
+use super::pair::{MAX_ATTEMPTS, PairState};
+use super::token;
 use crate::health;
 use crate::net;
+use crate::outcome::{CloseReason, ConnectFail, PauseCause, Side};
 
 impl Worker {
     /// Fill the pair's candidate list (balancer order; up targets first).
@@ -24,7 +24,7 @@ impl Worker {
         let up = |i: usize| targets.get(i).is_some_and(|t| t.health.is_up(now_ms));
         let active = |i: usize| targets.get(i).map_or(0, |t| t.active());
         let Some(balancer) = self.balancers.get_mut(app_idx) else {
-            pair.ncand = 0;
+            pair.n_candidates = 0;
             return;
         };
         let all_down = balancer.candidates(pair.client_addr.ip(), &up, &active, &mut self.scratch);
@@ -40,8 +40,8 @@ impl Worker {
             .map_or(usize::MAX, |r| r.saturating_add(1))
             .min(MAX_ATTEMPTS);
         let n = self.scratch.len().min(limit);
-        pair.cand[..n].copy_from_slice(&self.scratch[..n]);
-        pair.ncand = n as u8;
+        pair.candidates[..n].copy_from_slice(&self.scratch[..n]);
+        pair.n_candidates = n as u8;
         pair.attempt = 0;
     }
 
@@ -52,11 +52,11 @@ impl Worker {
             let Some(pair) = self.pairs.get_mut(idx) else {
                 return;
             };
-            if pair.attempt >= pair.ncand {
+            if pair.attempt >= pair.n_candidates {
                 self.close(idx, CloseReason::NoBackend);
                 return;
             }
-            let target = pair.cand[pair.attempt as usize] as usize;
+            let target = pair.candidates[pair.attempt as usize] as usize;
             pair.target = target;
             let app = &pair.app;
             let Some(t) = app.targets.get(target) else {
@@ -71,23 +71,18 @@ impl Worker {
                         pair.waiting_fd = true;
                         pair.deadline = self.now + app.cfg.connect_timeout;
                     }
-                    if self.emfile_until.is_none() {
-                        self.emfile_until = Some(self.now + super::EMFILE_BACKOFF);
-                        self.count_pause(crate::stats::PauseCause::Emfile);
+                    if self.accept_backoff_until.is_none() {
+                        self.accept_backoff_until = Some(self.now + super::EMFILE_BACKOFF);
+                        self.rec.record_pause(PauseCause::Emfile);
                     }
                     return;
                 }
                 Ok(sock) => {
+                    let timeout = app.cfg.connect_timeout;
                     pair.waiting_fd = false;
-                    t.counters.active.fetch_add(1, Relaxed);
-                    pair.target_counted = true;
-                    pair.upstream.sock = Some(sock);
-                    pair.upstream.readable = false;
-                    pair.upstream.hup = false;
-                    pair.upstream.writable = false;
-                    pair.upstream.interest = None;
+                    pair.set_upstream(sock, &self.rec);
                     pair.connect_started = self.now;
-                    pair.deadline = self.now + app.cfg.connect_timeout;
+                    pair.deadline = self.now + timeout;
                     let want = pair.wanted_interest(Side::Upstream);
                     Worker::set_interest(
                         self.poll.registry(),
@@ -150,22 +145,23 @@ impl Worker {
     }
 
     fn count_connect_fail(&mut self, idx: usize, fail: ConnectFail) {
-        self.stats.connect_fail[fail as usize].add(1);
         let Some(pair) = self.pairs.get(idx) else {
             return;
         };
         let app = &pair.app;
-        if let Some(t) = app.targets.get(pair.target) {
-            t.counters.connect_errors[fail as usize].fetch_add(1, Relaxed);
-            if t.health.on_connect_fail(health::now_ms(), &app.cfg.health) {
-                log::warn!(
-                    "app '{}' target {} is DOWN ({} connect failures in a row, last: {})",
-                    app.cfg.name,
-                    t.cfg.name,
-                    app.cfg.health.fall,
-                    fail.as_str()
-                );
-            }
+        let target = app.targets.get(pair.target);
+        self.rec
+            .record_connect_fail(target.map(|t| t.counters.as_ref()), fail);
+        if let Some(t) = target
+            && t.health.on_connect_fail(health::now_ms(), &app.cfg.health)
+        {
+            log::warn!(
+                "app '{}' target {} is DOWN ({} connect failures in a row, last: {})",
+                app.cfg.name,
+                t.cfg.name,
+                app.cfg.health.fall,
+                fail.as_str()
+            );
         }
     }
 
@@ -175,15 +171,7 @@ impl Worker {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
-        // Closing the fd removes it from the epoll set; no epoll_ctl(DEL) needed.
-        drop(pair.upstream.sock.take());
-        pair.upstream.interest = None;
-        if pair.target_counted {
-            pair.target_counted = false;
-            if let Some(t) = pair.app.targets.get(pair.target) {
-                t.counters.active.fetch_sub(1, Relaxed);
-            }
-        }
+        pair.drop_upstream(&self.rec);
         pair.attempt += 1;
         self.start_connect(idx);
     }

@@ -13,19 +13,20 @@ pub mod token;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 
+use crate::access_log::AccessRecord;
 use crate::backend::AppRuntime;
 use crate::balance::Balancer;
 use crate::buffer::BufPool;
-use crate::stats::{PauseCause, Shared, WorkerStats};
-use pair::{CloseReason, Half, Pair, PairState};
-use token::{Decoded, Side};
+use crate::outcome::{CloseReason, Side};
+use crate::stats::{ConnInfo, Recorder, Slots, WorkerStats};
+use pair::{Half, Pair, PairState};
+use token::Decoded;
 
 /// Messages from the control thread (delivered through the channel + the poll's waker).
 pub enum Command {
@@ -37,55 +38,38 @@ pub enum Command {
     },
     /// Close everything now and exit.
     Stop,
-    /// Switch to a new generation of apps. Listeners whose configured address is in `keep`
-    /// stay open and serve the app given there; the others close; `add` are new listeners.
-    /// Live pairs are untouched.
+    /// Switch to a new generation of apps. Listeners whose key is in `keep` stay open and
+    /// serve the app given there; the others close; `add` are new listeners. Live pairs are
+    /// untouched.
     Reload {
         apps: Vec<Arc<AppRuntime>>,
-        keep: Vec<(SocketAddr, usize)>,
+        keep: Vec<(ListenKey, usize)>,
         add: Vec<NewListener>,
     },
     /// Describe the live pairs (for the admin endpoint).
     Connections(SyncSender<Vec<ConnInfo>>),
 }
 
-/// A listener handed to a worker: the socket, the address as configured, and its app.
+/// Which listen entry of the config a listener is: the address as configured (port 0 stays
+/// 0) and how many equal addresses come before it in config order. A reload matches on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenKey {
+    pub addr: SocketAddr,
+    pub nth: usize,
+}
+
+/// A listener handed to a worker: the socket, its key, and the index of its app.
 pub struct NewListener {
     pub sock: std::net::TcpListener,
-    pub cfg_addr: SocketAddr,
+    pub key: ListenKey,
     pub app: usize,
-}
-
-/// One live pair, as the admin endpoint shows it.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    pub worker: usize,
-    pub client: SocketAddr,
-    pub app: String,
-    pub target: Option<String>,
-    pub state: &'static str,
-    pub age: Duration,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-}
-
-/// One closed pair, for the access log (formatted off the worker thread).
-pub struct AccessRecord {
-    pub app: Arc<AppRuntime>,
-    pub client: SocketAddr,
-    pub target: Option<usize>,
-    pub duration: Duration,
-    pub connect_time: Duration,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub reason: CloseReason,
 }
 
 /// A listening socket owned by this worker.
 pub struct Listener {
     pub sock: mio::net::TcpListener,
-    /// As configured (port 0 stays 0): the key a reload matches on.
-    pub cfg_addr: SocketAddr,
+    pub key: ListenKey,
+    /// Index into the worker's `apps`.
     pub app: usize,
     /// Sticky readiness: set by an event, cleared only by `WouldBlock`.
     pub readable: bool,
@@ -99,8 +83,10 @@ pub struct WorkerSetup {
     pub max_conns: usize,
     pub buffer_size: usize,
     pub max_events: usize,
+    /// This worker's counter cells (read by the admin and the summary).
     pub stats: Arc<WorkerStats>,
-    pub shared: Arc<Shared>,
+    /// Process-wide live pairs, shared by all workers: the global `max_conns` is taken here.
+    pub global: Arc<Slots>,
     pub commands: Receiver<Command>,
     /// Where closed pairs are reported when an app has the access log on.
     pub access_log: Option<SyncSender<AccessRecord>>,
@@ -108,41 +94,53 @@ pub struct WorkerSetup {
     pub pipe_budget: usize,
 }
 
+/// One worker's loop state. Fields are private to `worker/` (its submodules share them);
+/// each states the invariant that `check_invariants` verifies in debug builds after each batch.
 pub struct Worker {
-    pub(crate) id: usize,
-    pub(crate) poll: Poll,
-    pub(crate) pairs: Slab<Pair>,
-    pub(crate) pool: BufPool,
-    pub(crate) pipes: relay::PipePool,
-    pub(crate) listeners: Vec<Option<Listener>>,
-    pub(crate) apps: Vec<Arc<AppRuntime>>,
-    pub(crate) balancers: Vec<Balancer>,
-    /// Scratch for candidate lists; capacity = most targets of any app.
-    pub(crate) scratch: Vec<u16>,
-    /// Pairs closed in this batch; their slots are freed after it.
-    pub(crate) closing: Vec<usize>,
+    id: usize,
+    poll: Poll,
+    /// Live pairs, plus pairs closed in this batch (state `Closed`, listed in `closing`).
+    /// Capacity is `max_conns` and never grows.
+    pairs: Slab<Pair>,
+    pool: BufPool,
+    pipes: relay::PipePool,
+    /// Indexed by listener token; `None` = closed (drain, or removed by a reload).
+    listeners: Vec<Option<Listener>>,
+    /// The current generation of apps; `listeners[i].app` and `balancers` index it.
+    apps: Vec<Arc<AppRuntime>>,
+    /// One per app, same order as `apps`.
+    balancers: Vec<Balancer>,
+    /// Scratch for candidate lists; capacity = most targets of any app (no allocation).
+    scratch: Vec<u16>,
+    /// Pairs closed in this batch; their slots are freed after it (stale-event guard).
+    closing: Vec<usize>,
     /// Scratch for the timer scan.
-    pub(crate) expired: Vec<(usize, timer::Due)>,
-    pub(crate) stats: Arc<WorkerStats>,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) commands: Receiver<Command>,
-    pub(crate) max_conns: usize,
-    /// Global limit reached; accepting resumes at `resume_mark(max_conns)`.
-    pub(crate) limit_paused: bool,
-    /// Per-app limit reached.
-    pub(crate) app_paused: Vec<bool>,
-    /// Accepting paused after EMFILE/ENFILE until then.
-    pub(crate) emfile_until: Option<Instant>,
-    /// Draining: listeners closed; pairs closed at this deadline.
-    pub(crate) grace_deadline: Option<Instant>,
-    pub(crate) stop: bool,
-    pub(crate) now: Instant,
-    pub(crate) next_tick: Instant,
-    /// Pairs in `Connecting` (the timer only needs to run while some are, or idle timeouts).
-    pub(crate) connecting: usize,
-    pub(crate) idle_timeouts: bool,
-    pub(crate) max_events: usize,
-    pub(crate) access_log: Option<SyncSender<AccessRecord>>,
+    expired: Vec<(usize, timer::Due)>,
+    /// Every counter this worker writes.
+    rec: Recorder,
+    commands: Receiver<Command>,
+    max_conns: usize,
+    /// The global limit refused a slot; accepting resumes at `resume_mark(max_conns)`.
+    limit_paused: bool,
+    /// Per app (same order as `apps`): its own limit refused a slot.
+    app_paused: Vec<bool>,
+    /// Accepting is paused until then: an accept failed (resource exhaustion, counted as an
+    /// `emfile` pause, or an unexpected error, logged), or an upstream socket found no free
+    /// file descriptor.
+    accept_backoff_until: Option<Instant>,
+    /// Draining: listeners closed; pairs still open at this deadline are closed.
+    grace_deadline: Option<Instant>,
+    stop: bool,
+    /// The time of the current batch (read once after `poll`).
+    now: Instant,
+    next_tick: Instant,
+    /// Number of pairs in state `Connecting` (the timer runs only while some are, or while
+    /// idle timeouts apply).
+    connecting: usize,
+    /// Some app of this generation, or some live pair, has an idle timeout.
+    idle_timeouts: bool,
+    max_events: usize,
+    access_log: Option<SyncSender<AccessRecord>>,
 }
 
 /// How often the coarse timer scans pairs when it has work.
@@ -178,12 +176,11 @@ impl Worker {
             scratch: Vec::with_capacity(max_targets.max(pair::MAX_ATTEMPTS)),
             closing: Vec::with_capacity(setup.max_conns),
             expired: Vec::with_capacity(setup.max_conns),
-            stats: setup.stats,
-            shared: setup.shared,
+            rec: Recorder::new(setup.id, setup.stats, setup.global, setup.max_conns),
             commands: setup.commands,
             max_conns: setup.max_conns,
             limit_paused: false,
-            emfile_until: None,
+            accept_backoff_until: None,
             grace_deadline: None,
             stop: false,
             now,
@@ -225,6 +222,8 @@ impl Worker {
             self.release_closed();
             self.maybe_resume_accepting();
             self.release_closed();
+            #[cfg(debug_assertions)]
+            self.check_invariants();
             if self.stop {
                 self.close_all(CloseReason::Shutdown);
                 self.release_closed();
@@ -241,7 +240,7 @@ impl Worker {
             || (self.idle_timeouts && !self.pairs.is_empty())
             || self.limit_paused
             || self.app_paused.iter().any(|p| *p)
-            || self.emfile_until.is_some()
+            || self.accept_backoff_until.is_some()
             || self.grace_deadline.is_some();
         if !needs_tick {
             return None;
@@ -299,7 +298,7 @@ impl Worker {
             half.readable = true;
         }
         if ev.is_read_closed() || ev.is_error() {
-            half.hup = true;
+            half.peer_closed = true;
         }
         if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
             half.writable = true;
@@ -319,7 +318,7 @@ impl Worker {
     }
 
     /// Register or re-register `half` for `want`, skipping no-op changes.
-    pub(crate) fn set_interest(registry: &Registry, half: &mut Half, tok: Token, want: Interest) {
+    fn set_interest(registry: &Registry, half: &mut Half, tok: Token, want: Interest) {
         if half.interest == Some(want) {
             return;
         }
@@ -337,94 +336,72 @@ impl Worker {
         }
     }
 
-    /// Mark a pair closed: buffers returned, counters updated, sockets deregistered and closed;
-    /// the slot itself is freed after the batch (`release_closed`).
-    pub(crate) fn close(&mut self, idx: usize, reason: CloseReason) {
+    /// Mark a pair closed: buffers and pipes returned, the close counted, the access record
+    /// sent, sockets closed (with a reset toward the peer of a side that reset or failed). The
+    /// slot itself is freed after the batch (`release_closed`).
+    fn close(&mut self, idx: usize, reason: CloseReason) {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
-        if pair.state == PairState::Closed {
-            return;
-        }
-        let was_connecting = pair.state == PairState::Connecting;
-        if was_connecting {
-            self.connecting -= 1;
-        }
-        pair.reason = reason;
-        pair.up.buf.release(&mut self.pool, true);
-        pair.down.buf.release(&mut self.pool, true);
-        for flow in [&mut pair.up, &mut pair.down] {
+        let connected = match pair.state {
+            PairState::Closed => return,
+            PairState::Connecting => {
+                self.connecting -= 1;
+                false
+            }
+            PairState::Open | PairState::HalfClosed => true,
+        };
+        pair.state = PairState::Closed;
+        for flow in [&mut pair.to_upstream, &mut pair.to_client] {
+            flow.buf.release(&mut self.pool, true);
             if let Some(p) = flow.pipe.take() {
                 self.pipes.give(p, flow.piped == 0);
                 flow.piped = 0;
             }
         }
-        let app = &pair.app;
-        if pair.target_counted {
-            pair.target_counted = false;
-            if let Some(t) = app.targets.get(pair.target) {
-                t.counters.active.fetch_sub(1, Relaxed);
-            }
-        }
-        let c = &app.counters;
-        c.active.fetch_sub(1, Relaxed);
-        c.closed[reason as usize].fetch_add(1, Relaxed);
-        self.shared.close();
-        self.stats.closed[reason as usize].add(1);
-        if pair.up.read != pair.up.written || pair.down.read != pair.down.written {
-            c.truncated[reason as usize].fetch_add(1, Relaxed);
+        let truncated = pair.truncated();
+        if truncated {
             log::warn!(
                 "app '{}': connection {} closed ({}) with bytes read but not delivered: client->upstream {}/{}, upstream->client {}/{}",
-                app.cfg.name,
+                pair.app.cfg.name,
                 pair.client_addr,
                 reason.as_str(),
-                pair.up.written,
-                pair.up.read,
-                pair.down.written,
-                pair.down.read
+                pair.to_upstream.written,
+                pair.to_upstream.read,
+                pair.to_client.written,
+                pair.to_client.read
             );
         }
-        pair.state = PairState::Closed;
-        if app.cfg.access_log
+        // Counters first, sockets last: whoever sees the close sees it counted.
+        self.rec.record_close(&pair.app.counters, reason, truncated);
+        if pair.app.cfg.access_log
             && let Some(tx) = &self.access_log
         {
             let rec = AccessRecord {
-                app: app.clone(),
+                app: pair.app.clone(),
                 client: pair.client_addr,
-                target: (!was_connecting).then_some(pair.target),
+                target: connected.then_some(pair.target),
                 duration: self.now.saturating_duration_since(pair.started),
                 connect_time: pair.connect_time,
-                bytes_up: pair.up.written,
-                bytes_down: pair.down.written,
+                bytes_to_upstream: pair.to_upstream.written,
+                bytes_to_client: pair.to_client.written,
                 reason,
             };
             if let Err(TrySendError::Full(_)) = tx.try_send(rec) {
-                self.stats.access_log_dropped.add(1);
+                self.rec.record_access_log_drop();
             }
         }
-        // Counters first, sockets last: whoever sees the close sees it counted.
         // A reset is passed on as a reset, so the other peer can tell a truncated stream from
         // a complete one (a plain close would look like a clean end).
-        let abort_other = match reason {
-            CloseReason::ClientReset | CloseReason::ClientError => Some(Side::Upstream),
-            CloseReason::UpstreamReset | CloseReason::UpstreamError => Some(Side::Client),
-            CloseReason::Done
-            | CloseReason::NoBackend
-            | CloseReason::IdleTimeout
-            | CloseReason::Shutdown
-            | CloseReason::Internal => None,
-        };
-        if let Some(side) = abort_other
+        if let Some(side) = reason.aborts()
             && let Some(sock) = pair.half(side).sock.as_ref()
         {
             let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
         }
-        // Closing an fd removes it from the epoll set, so no epoll_ctl(DEL) is spent; a
-        // stale event for this slot in the current batch finds the pair `Closed`.
-        for half in [&mut pair.client, &mut pair.upstream] {
-            drop(half.sock.take());
-            half.interest = None;
-        }
+        // A stale event for this slot in the current batch finds the pair `Closed`.
+        pair.drop_upstream(&self.rec);
+        drop(pair.client.sock.take());
+        pair.client.interest = None;
         self.closing.push(idx);
     }
 
@@ -439,7 +416,7 @@ impl Worker {
             }
         }
         self.closing.clear();
-        self.stats.set_active(self.pairs.len());
+        self.rec.set_active(self.pairs.len());
     }
 
     fn close_all(&mut self, reason: CloseReason) {
@@ -452,10 +429,6 @@ impl Worker {
             idx += 1;
         }
     }
-
-    pub(crate) fn count_pause(&self, cause: PauseCause) {
-        self.stats.accept_pauses[cause as usize].add(1);
-    }
 }
 
 fn register_listener(poll: &Poll, l: NewListener, i: usize) -> io::Result<Listener> {
@@ -464,7 +437,7 @@ fn register_listener(poll: &Poll, l: NewListener, i: usize) -> io::Result<Listen
         .register(&mut sock, token::listener(i), Interest::READABLE)?;
     Ok(Listener {
         sock,
-        cfg_addr: l.cfg_addr,
+        key: l.key,
         app: l.app,
         readable: true,
     })
@@ -497,14 +470,14 @@ impl Worker {
     fn on_reload(
         &mut self,
         apps: Vec<Arc<AppRuntime>>,
-        keep: Vec<(SocketAddr, usize)>,
+        keep: Vec<(ListenKey, usize)>,
         add: Vec<NewListener>,
     ) {
         for i in 0..self.listeners.len() {
             let Some(l) = self.listeners[i].as_mut() else {
                 continue;
             };
-            match keep.iter().find(|(a, _)| *a == l.cfg_addr) {
+            match keep.iter().find(|(k, _)| *k == l.key) {
                 Some(&(_, app)) => l.app = app,
                 None => {
                     if let Some(mut l) = self.listeners[i].take() {
@@ -515,10 +488,10 @@ impl Worker {
         }
         for l in add {
             let i = self.listeners.len();
-            let cfg_addr = l.cfg_addr;
+            let addr = l.key.addr;
             match register_listener(&self.poll, l, i) {
                 Ok(l) => self.listeners.push(Some(l)),
-                Err(e) => log::error!("worker {}: register listener {cfg_addr}: {e}", self.id),
+                Err(e) => log::error!("worker {}: register listener {addr}: {e}", self.id),
             }
         }
         self.balancers = make_balancers(self.id, &apps);
@@ -544,13 +517,13 @@ impl Worker {
                 worker: self.id,
                 client: p.client_addr,
                 app: p.app.cfg.name.clone(),
-                target: (p.ncand > 0)
+                target: (p.n_candidates > 0)
                     .then(|| p.app.targets.get(p.target).map(|t| t.cfg.name.clone()))
                     .flatten(),
                 state: p.state.as_str(),
                 age: self.now.saturating_duration_since(p.started),
-                bytes_up: p.up.written,
-                bytes_down: p.down.written,
+                bytes_to_upstream: p.to_upstream.written,
+                bytes_to_client: p.to_client.written,
             })
             .collect()
     }
@@ -562,4 +535,57 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+#[cfg(debug_assertions)]
+impl Worker {
+    /// The invariants written next to the fields, checked after each batch in debug builds
+    /// (O(pairs); release builds skip it). A violation is a bug: panic loudly in tests.
+    fn check_invariants(&self) {
+        assert!(
+            self.closing.is_empty(),
+            "closed slots freed after the batch"
+        );
+        assert!(self.pairs.capacity() <= self.max_conns.max(1));
+        assert_eq!(self.balancers.len(), self.apps.len());
+        assert_eq!(self.app_paused.len(), self.apps.len());
+        assert!(
+            self.pairs.len() <= self.rec.global_active(),
+            "every pair holds a global slot"
+        );
+        let mut connecting = 0;
+        for (_, p) in self.pairs.iter() {
+            for f in [&p.to_upstream, &p.to_client] {
+                assert!(f.written <= f.read);
+                assert!(!f.shut || (f.eof && f.pending() == 0));
+                assert!(
+                    f.buf.pending() == 0 || f.piped == 0,
+                    "bytes in buffer or pipe"
+                );
+            }
+            assert!(p.attempt <= p.n_candidates && p.n_candidates as usize <= pair::MAX_ATTEMPTS);
+            assert!(p.client.sock.is_some() || p.client.interest.is_none());
+            assert!(p.upstream.sock.is_some() || p.upstream.interest.is_none());
+            match p.state {
+                PairState::Connecting => {
+                    connecting += 1;
+                    assert!(p.client.sock.is_some());
+                    assert_eq!(p.upstream.sock.is_none(), p.waiting_fd);
+                }
+                PairState::Open => {
+                    assert!(p.client.sock.is_some() && p.upstream.sock.is_some());
+                    assert!(!p.to_upstream.done() && !p.to_client.done());
+                }
+                PairState::HalfClosed => {
+                    assert!(p.client.sock.is_some() && p.upstream.sock.is_some());
+                    assert!(p.to_upstream.done() != p.to_client.done());
+                }
+                PairState::Closed => panic!("a closed pair outlived its batch"),
+            }
+        }
+        assert_eq!(
+            connecting, self.connecting,
+            "`connecting` counts Connecting pairs"
+        );
+    }
 }

@@ -1,6 +1,6 @@
-//! A `Pair`: the client half, the upstream half, one buffer per direction, and the explicit
-//! state machine they move through. Owns the vocabulary of why pairs close (`CloseReason`) and
-//! why connects fail (`ConnectFail`). Never touches the poll or the slab: the worker drives it.
+//! A `Pair`: the client half, the upstream half, one flow per direction, and the explicit
+//! state machine they move through. The vocabulary of endings (`CloseReason`, `ConnectFail`)
+//! lives in `outcome.rs`. Never touches the poll or the slab: the worker drives it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,116 +9,10 @@ use std::time::{Duration, Instant};
 use mio::Interest;
 use mio::net::TcpStream;
 
-use super::token::Side;
 use crate::backend::AppRuntime;
 use crate::buffer::Buffer;
-
-/// Why a pair closed. Small and `Copy`: used on the hot path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// Both directions finished with EOF and were flushed.
-    Done,
-    ClientReset,
-    UpstreamReset,
-    ClientError,
-    UpstreamError,
-    /// Every candidate target failed to connect.
-    NoBackend,
-    IdleTimeout,
-    /// Still open when the grace period ended (or on immediate shutdown).
-    Shutdown,
-    /// An impossible state was reached; logged and counted.
-    Internal,
-}
-
-impl CloseReason {
-    pub const COUNT: usize = 9;
-    pub const ALL: [CloseReason; 9] = [
-        CloseReason::Done,
-        CloseReason::ClientReset,
-        CloseReason::UpstreamReset,
-        CloseReason::ClientError,
-        CloseReason::UpstreamError,
-        CloseReason::NoBackend,
-        CloseReason::IdleTimeout,
-        CloseReason::Shutdown,
-        CloseReason::Internal,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Done => "done",
-            CloseReason::ClientReset => "client_reset",
-            CloseReason::UpstreamReset => "upstream_reset",
-            CloseReason::ClientError => "client_error",
-            CloseReason::UpstreamError => "upstream_error",
-            CloseReason::NoBackend => "no_backend",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::Internal => "internal",
-        }
-    }
-
-    /// The side that caused the close, if one did.
-    pub fn side(self) -> Option<Side> {
-        match self {
-            CloseReason::ClientReset | CloseReason::ClientError => Some(Side::Client),
-            CloseReason::UpstreamReset | CloseReason::UpstreamError | CloseReason::NoBackend => {
-                Some(Side::Upstream)
-            }
-            CloseReason::Done
-            | CloseReason::IdleTimeout
-            | CloseReason::Shutdown
-            | CloseReason::Internal => None,
-        }
-    }
-
-    /// Classify an I/O error on `side`.
-    pub fn from_io(side: Side, kind: std::io::ErrorKind) -> CloseReason {
-        use std::io::ErrorKind as K;
-        let reset = matches!(
-            kind,
-            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
-        );
-        match (side, reset) {
-            (Side::Client, true) => CloseReason::ClientReset,
-            (Side::Client, false) => CloseReason::ClientError,
-            (Side::Upstream, true) => CloseReason::UpstreamReset,
-            (Side::Upstream, false) => CloseReason::UpstreamError,
-        }
-    }
-}
-
-/// Why one connect attempt failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectFail {
-    Refused,
-    Timeout,
-    Other,
-}
-
-impl ConnectFail {
-    pub const COUNT: usize = 3;
-    pub const ALL: [ConnectFail; 3] = [
-        ConnectFail::Refused,
-        ConnectFail::Timeout,
-        ConnectFail::Other,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectFail::Refused => "refused",
-            ConnectFail::Timeout => "timeout",
-            ConnectFail::Other => "other",
-        }
-    }
-    pub fn from_io(kind: std::io::ErrorKind) -> ConnectFail {
-        match kind {
-            std::io::ErrorKind::ConnectionRefused => ConnectFail::Refused,
-            std::io::ErrorKind::TimedOut => ConnectFail::Timeout,
-            _ => ConnectFail::Other,
-        }
-    }
-}
+use crate::outcome::Side;
+use crate::stats::Recorder;
 
 /// Where a pair is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +41,7 @@ impl PairState {
 /// One socket of a pair, with software-kept readiness.
 /// Invariants: `readable`/`writable` are cleared by `WouldBlock`, or by a short read/write
 /// that proves the socket drained/full (see `relay.rs`); `interest` is what is currently
-/// registered with the poll (`None` = not).
+/// registered with the poll (`None` = not registered, always so while `sock` is `None`).
 #[derive(Debug, Default)]
 pub struct Half {
     pub sock: Option<TcpStream>,
@@ -156,7 +50,7 @@ pub struct Half {
     pub interest: Option<Interest>,
     /// The peer's FIN (or an error) was reported (EPOLLRDHUP/ERR): read to the end, since no
     /// further edge will come for it.
-    pub hup: bool,
+    pub peer_closed: bool,
 }
 
 /// One direction of bytes (source half -> destination half).
@@ -197,17 +91,19 @@ pub struct Pair {
     pub state: PairState,
     pub client: Half,
     pub upstream: Half,
-    /// client -> upstream
-    pub up: Flow,
-    /// upstream -> client
-    pub down: Flow,
+    /// Bytes from the client to the upstream.
+    pub to_upstream: Flow,
+    /// Bytes from the upstream to the client.
+    pub to_client: Flow,
     /// The app (of the config generation that accepted it; a reload does not change it).
     pub app: Arc<AppRuntime>,
-    /// Index of the target being tried or in use, within the app.
+    /// Index of the target being tried or in use, within the app. While `upstream.sock` is
+    /// `Some`, the pair counts toward that target's live pairs (see `drop_upstream`).
     pub target: usize,
-    /// Ordered candidates (`cand[..ncand]`); `attempt` indexes the one being tried.
-    pub cand: [u16; MAX_ATTEMPTS],
-    pub ncand: u8,
+    /// Ordered failover candidates (`candidates[..n_candidates]`); `attempt` indexes the one
+    /// being tried. Invariant: `attempt <= n_candidates <= MAX_ATTEMPTS`.
+    pub candidates: [u16; MAX_ATTEMPTS],
+    pub n_candidates: u8,
     pub attempt: u8,
     pub client_addr: SocketAddr,
     pub started: Instant,
@@ -217,9 +113,6 @@ pub struct Pair {
     /// Time the successful connect took (zero until connected).
     pub connect_time: Duration,
     pub last_active: Instant,
-    /// Whether this pair holds the target's active-count slot.
-    pub target_counted: bool,
-    pub reason: CloseReason,
     /// Relay with splice(2) (turned off for good if the kernel refuses it for this pair).
     pub splice: bool,
     /// The upstream socket could not be created for lack of file descriptors: the connect is
@@ -243,15 +136,15 @@ impl Pair {
                 readable: false,
                 writable: true,
                 interest: None,
-                hup: false,
+                peer_closed: false,
             },
             upstream: Half::default(),
-            up: Flow::default(),
-            down: Flow::default(),
+            to_upstream: Flow::default(),
+            to_client: Flow::default(),
             app,
             target: 0,
-            cand: [0; MAX_ATTEMPTS],
-            ncand: 0,
+            candidates: [0; MAX_ATTEMPTS],
+            n_candidates: 0,
             attempt: 0,
             client_addr,
             started: now,
@@ -259,8 +152,6 @@ impl Pair {
             connect_started: now,
             connect_time: Duration::ZERO,
             last_active: now,
-            target_counted: false,
-            reason: CloseReason::Internal,
             splice: false,
             waiting_fd: false,
         }
@@ -281,13 +172,44 @@ impl Pair {
             return Interest::READABLE | Interest::WRITABLE;
         }
         let (half, inbound) = match side {
-            Side::Client => (&self.client, &self.down),
-            Side::Upstream => (&self.upstream, &self.up),
+            Side::Client => (&self.client, &self.to_client),
+            Side::Upstream => (&self.upstream, &self.to_upstream),
         };
         if inbound.pending() > 0 && !half.writable {
             Interest::READABLE | Interest::WRITABLE
         } else {
             Interest::READABLE
         }
+    }
+
+    /// Install the socket of a connect attempt to `self.target`; the pair now counts toward
+    /// that target's live pairs.
+    pub fn set_upstream(&mut self, sock: TcpStream, rec: &Recorder) {
+        self.drop_upstream(rec);
+        if let Some(t) = self.app.targets.get(self.target) {
+            rec.record_target_claim(&t.counters);
+        }
+        self.upstream = Half {
+            sock: Some(sock),
+            ..Half::default()
+        };
+    }
+
+    /// Close the upstream socket (if any) and stop counting toward its target: the only place
+    /// a target's live-pair count goes down. Closing the fd removes it from the epoll set, so
+    /// no `epoll_ctl(DEL)` is spent.
+    pub fn drop_upstream(&mut self, rec: &Recorder) {
+        if self.upstream.sock.take().is_some()
+            && let Some(t) = self.app.targets.get(self.target)
+        {
+            rec.record_target_release(&t.counters);
+        }
+        self.upstream.interest = None;
+    }
+
+    /// Bytes were read from a side and never delivered to the other.
+    pub fn truncated(&self) -> bool {
+        self.to_upstream.read != self.to_upstream.written
+            || self.to_client.read != self.to_client.written
     }
 }

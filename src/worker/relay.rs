@@ -11,9 +11,10 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 
 use super::Worker;
-use super::pair::{CloseReason, Flow, Half, PairState};
-use super::token::{self, Side};
+use super::pair::{Flow, Half, PairState};
+use super::token;
 use crate::buffer::BufPool;
+use crate::outcome::{CloseReason, Side};
 use crate::sys::{self, Pipe};
 
 impl Worker {
@@ -22,23 +23,23 @@ impl Worker {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
-        let down_done = pair.down.done();
+        let down_done = pair.to_client.done();
         let up = pump(
             &mut pair.client,
             &mut pair.upstream,
-            &mut pair.up,
+            &mut pair.to_upstream,
             &mut self.pool,
             &mut self.pipes,
             &mut pair.splice,
             Side::Client,
             down_done,
         );
-        let up_done = pair.up.done();
+        let up_done = pair.to_upstream.done();
         let down = match up {
             Ok(_) => pump(
                 &mut pair.upstream,
                 &mut pair.client,
-                &mut pair.down,
+                &mut pair.to_client,
                 &mut self.pool,
                 &mut self.pipes,
                 &mut pair.splice,
@@ -49,19 +50,14 @@ impl Worker {
         };
         let (up_n, down_n) = (*up.as_ref().unwrap_or(&0), *down.as_ref().unwrap_or(&0));
         if up_n + down_n > 0 {
-            self.stats.bytes_up.add(up_n);
-            self.stats.bytes_down.add(down_n);
-            if let Some(cell) = pair.app.counters.bytes.get(self.id) {
-                cell.up.add(up_n);
-                cell.down.add(down_n);
-            }
+            self.rec.record_bytes(&pair.app.counters, up_n, down_n);
             pair.last_active = self.now;
         }
         if let Err(reason) = up.and(down) {
             self.close(idx, reason);
             return;
         }
-        let next = match (pair.state, pair.up.done(), pair.down.done()) {
+        let next = match (pair.state, pair.to_upstream.done(), pair.to_client.done()) {
             (PairState::Open | PairState::HalfClosed, true, true) => None,
             (PairState::Open | PairState::HalfClosed, true, false)
             | (PairState::Open | PairState::HalfClosed, false, true) => Some(PairState::HalfClosed),
@@ -262,7 +258,7 @@ fn pump(
                     flow.piped = n;
                 } else {
                     flow.buf.filled(n);
-                    if n < room && !src.hup {
+                    if n < room && !src.peer_closed {
                         src.readable = false;
                     }
                 }

@@ -2,8 +2,9 @@
 //! deadlines and idle timeouts, and end the grace period. A scan of a few thousand slots costs
 //! microseconds; it runs into preallocated scratch and never allocates.
 
-use super::pair::{CloseReason, ConnectFail, PairState};
+use super::pair::PairState;
 use super::{TICK, Worker};
+use crate::outcome::{CloseReason, ConnectFail};
 
 impl Worker {
     pub(super) fn on_tick(&mut self) {
@@ -26,7 +27,7 @@ impl Worker {
         }
         self.expired.clear();
         let now = self.now;
-        let fd_retry = self.emfile_until.is_none();
+        let fd_retry = self.accept_backoff_until.is_none();
         for (idx, pair) in self.pairs.iter() {
             let due = match pair.state {
                 PairState::Connecting if pair.waiting_fd && now >= pair.deadline => Some(Due::NoFd),

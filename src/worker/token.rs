@@ -4,21 +4,7 @@
 
 use mio::Token;
 
-/// Which half of a pair a socket is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Client = 0,
-    Upstream = 1,
-}
-
-impl Side {
-    pub fn other(self) -> Side {
-        match self {
-            Side::Client => Side::Upstream,
-            Side::Upstream => Side::Client,
-        }
-    }
-}
+pub use crate::outcome::Side;
 
 pub const WAKER: Token = Token(usize::MAX);
 /// Listener `i` is `Token(LISTENER_BASE + i)`.

@@ -1,24 +1,18 @@
-//! Rendering of what the workers publish — Prometheus text (format 0.0.4), JSON, the live
-//! connection list, access-log lines — and the admin HTTP server (tiny_http) on its own
-//! thread. Reads counters only; never touches a worker's loop except by asking it, through
-//! its command channel, for a list of live pairs.
+//! Rendering of the read-only view: Prometheus text (format 0.0.4), the JSON form of the same
+//! figures, and the live-connection list. Pure formatting over counters and `/proc`; metric
+//! names, labels and JSON keys are a public contract (README): add, never rename.
 
 use std::fmt::{self, Write as _};
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::backend::{AppCounters, AppRuntime, TargetRuntime};
-use crate::control::State;
-use crate::error::Error;
-use crate::stats::PauseCause;
+use super::view::ProxyView;
+use crate::backend::{AppRuntime, TargetRuntime};
+use crate::outcome::{CloseReason, ConnectFail, PauseCause};
+use crate::stats::AppCounters;
 use crate::sys;
-use crate::worker::AccessRecord;
-use crate::worker::pair::{CloseReason, ConnectFail};
 
 /// Escape a label value for the text format.
 fn esc(s: &str) -> String {
@@ -92,12 +86,12 @@ fn process_info() -> ProcessInfo {
 }
 
 /// The Prometheus text exposition.
-pub fn render_prometheus(state: &State) -> String {
+pub fn prometheus(view: &ProxyView) -> String {
     let mut o = String::with_capacity(8192);
-    let apps = state.apps();
-    let sum = state.summary();
+    let apps = view.apps();
+    let sum = view.summary();
     let now = crate::health::now_ms();
-    let ready = state.ready.load(Relaxed) && !state.draining.load(Relaxed);
+    let ready = view.serving();
     let app = |a: &AppRuntime| format!("app=\"{}\"", esc(&a.cfg.name));
     let target = |a: &AppRuntime, t: &TargetRuntime| {
         format!(
@@ -141,7 +135,7 @@ pub fn render_prometheus(state: &State) -> String {
         "epoxy_max_connections",
         "gauge",
         "Effective global limit of concurrent pairs.",
-        [("", state.max_conns)],
+        [("", view.max_conns)],
     );
     family(
         &mut o,
@@ -167,11 +161,11 @@ pub fn render_prometheus(state: &State) -> String {
             [
                 (
                     format!("{},direction=\"upstream\"", app(a)),
-                    a.counters.bytes_up(),
+                    a.counters.bytes_to_upstream(),
                 ),
                 (
                     format!("{},direction=\"downstream\"", app(a)),
-                    a.counters.bytes_down(),
+                    a.counters.bytes_to_client(),
                 ),
             ]
         }),
@@ -236,8 +230,8 @@ pub fn render_prometheus(state: &State) -> String {
         "counter",
         "Configuration reloads by result.",
         [
-            ("result=\"success\"", state.reloads[0].load(Relaxed)),
-            ("result=\"failure\"", state.reloads[1].load(Relaxed)),
+            ("result=\"success\"", view.reloads.success.load(Relaxed)),
+            ("result=\"failure\"", view.reloads.failure.load(Relaxed)),
         ],
     );
     family(
@@ -245,8 +239,7 @@ pub fn render_prometheus(state: &State) -> String {
         "epoxy_worker_connections_active",
         "gauge",
         "Live pairs per worker thread.",
-        state
-            .workers
+        view.workers
             .iter()
             .enumerate()
             .map(|(i, w)| (format!("worker=\"{i}\""), w.active.get())),
@@ -256,17 +249,12 @@ pub fn render_prometheus(state: &State) -> String {
         "epoxy_worker_connections_total",
         "counter",
         "Accepted connections per worker thread.",
-        state
-            .workers
+        view.workers
             .iter()
             .enumerate()
             .map(|(i, w)| (format!("worker=\"{i}\""), w.accepted.get())),
     );
-    let dropped: u64 = state
-        .workers
-        .iter()
-        .map(|w| w.access_log_dropped.get())
-        .sum();
+    let dropped = sum.access_log_dropped;
     family(
         &mut o,
         "epoxy_access_log_dropped_total",
@@ -309,7 +297,7 @@ pub fn render_prometheus(state: &State) -> String {
         "process_start_time_seconds",
         "gauge",
         "Start time of the process since unix epoch in seconds.",
-        [("", state.start_time)],
+        [("", view.start_time)],
     );
     o
 }
@@ -323,10 +311,10 @@ fn reasons<T: Copy + Into<u64>>(vals: &[T]) -> Value {
 }
 
 /// The same figures as JSON.
-pub fn render_json(state: &State) -> Value {
-    let sum = state.summary();
+pub fn json(view: &ProxyView) -> Value {
+    let sum = view.summary();
     let now = crate::health::now_ms();
-    let apps: Vec<Value> = state
+    let apps: Vec<Value> = view
         .apps()
         .iter()
         .map(|a| {
@@ -364,8 +352,8 @@ pub fn render_json(state: &State) -> Value {
                 "balance": a.cfg.balance.as_str(),
                 "active_connections": a.active(),
                 "total_connections": a.counters.total.load(Relaxed),
-                "bytes_upstream": a.counters.bytes_up(),
-                "bytes_downstream": a.counters.bytes_down(),
+                "bytes_upstream": a.counters.bytes_to_upstream(),
+                "bytes_downstream": a.counters.bytes_to_client(),
                 "closed": reasons(&closed),
                 "truncated": reasons(&truncated),
                 "targets": targets,
@@ -380,7 +368,7 @@ pub fn render_json(state: &State) -> Value {
     for r in ConnectFail::ALL {
         fails.insert(r.as_str().into(), json!(sum.connect_fail[r as usize]));
     }
-    let workers: Vec<Value> = state
+    let workers: Vec<Value> = view
         .workers
         .iter()
         .enumerate()
@@ -389,9 +377,9 @@ pub fn render_json(state: &State) -> Value {
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": sum.uptime.as_secs_f64(),
-        "ready": state.ready.load(Relaxed) && !state.draining.load(Relaxed),
-        "max_connections": state.max_conns,
-        "active_connections": state.shared.active(),
+        "ready": view.serving(),
+        "max_connections": view.max_conns,
+        "active_connections": view.active(),
         "peak_connections": sum.peak_concurrent,
         "total_connections": sum.accepted,
         "bytes_upstream": sum.bytes_client_to_upstream,
@@ -399,15 +387,15 @@ pub fn render_json(state: &State) -> Value {
         "closed": reasons(&sum.closed),
         "connect_failures": fails,
         "accept_pauses": pauses,
-        "config_reloads": {"success": state.reloads[0].load(Relaxed), "failure": state.reloads[1].load(Relaxed)},
+        "config_reloads": {"success": view.reloads.success.load(Relaxed), "failure": view.reloads.failure.load(Relaxed)},
         "workers": workers,
         "apps": apps,
     })
 }
 
 /// The live pairs as JSON.
-pub fn render_connections(state: &State) -> Value {
-    let list = state.connections(Duration::from_secs(1));
+pub fn connections(view: &ProxyView) -> Value {
+    let list = view.live.list(Duration::from_secs(1));
     Value::Array(
         list.iter()
             .map(|c| {
@@ -417,8 +405,8 @@ pub fn render_connections(state: &State) -> Value {
                     "target": c.target,
                     "state": c.state,
                     "age_seconds": c.age.as_secs_f64(),
-                    "bytes_upstream": c.bytes_up,
-                    "bytes_downstream": c.bytes_down,
+                    "bytes_upstream": c.bytes_to_upstream,
+                    "bytes_downstream": c.bytes_to_client,
                     "worker": c.worker,
                 })
             })
@@ -426,172 +414,9 @@ pub fn render_connections(state: &State) -> Value {
     )
 }
 
-/// UTC time as "2026-11-22T15:50:01.123Z" (civil-from-days, no time-zone database).
-pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
-/// One access-log line (documented in README):
-/// `CLIENT [START] APP TARGET CONNECT_MS/DURATION_MS BYTES_UP BYTES_DOWN REASON`
-pub fn access_line(r: &AccessRecord) -> String {
-    let start = SystemTime::now()
-        .checked_sub(r.duration)
-        .unwrap_or(UNIX_EPOCH);
-    let target = r
-        .target
-        .and_then(|t| r.app.targets.get(t))
-        .map_or("-".to_string(), |t| t.cfg.name.clone());
-    format!(
-        "{} [{}] {} {} {}/{} {} {} {}",
-        r.client,
-        rfc3339(start),
-        r.app.cfg.name,
-        target,
-        r.connect_time.as_millis(),
-        r.duration.as_millis(),
-        r.bytes_up,
-        r.bytes_down,
-        r.reason.as_str()
-    )
-}
-
-/// The admin HTTP endpoint.
-pub struct AdminServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl AdminServer {
-    pub fn start(addr: SocketAddr, state: Arc<State>) -> Result<AdminServer, Error> {
-        let server = tiny_http::Server::http(addr)
-            .map_err(|e| Error::runtime(format!("bind admin {addr}: {e}")))?;
-        let bound = server.server_addr().to_ip().unwrap_or(addr);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("epoxy-admin".into())
-            .spawn(move || {
-                while !stop2.load(Relaxed) {
-                    match server.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(req)) => handle(req, &state),
-                        Ok(None) => {}
-                        Err(e) => {
-                            log::debug!("admin: {e}");
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                    }
-                }
-            })
-            .map_err(|e| Error::io("spawn admin thread", e))?;
-        Ok(AdminServer {
-            addr: bound,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn stop(mut self) {
-        self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn header(name: &str, value: &str) -> Option<tiny_http::Header> {
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
-}
-
-fn respond(req: tiny_http::Request, code: u16, ctype: &str, body: String) {
-    let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
-    if let Some(h) = header("Content-Type", ctype) {
-        resp = resp.with_header(h);
-    }
-    if let Err(e) = req.respond(resp) {
-        log::debug!("admin: respond: {e}");
-    }
-}
-
-fn handle(req: tiny_http::Request, state: &State) {
-    let url = req.url().to_string();
-    let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
-    let is_get = matches!(
-        req.method(),
-        tiny_http::Method::Get | tiny_http::Method::Head
-    );
-    if !is_get {
-        respond(
-            req,
-            405,
-            "text/plain; charset=utf-8",
-            "method not allowed\n".into(),
-        );
-        return;
-    }
-    const JSON: &str = "application/json";
-    match path {
-        "/metrics" => {
-            let json_wanted = query.split('&').any(|kv| kv == "format=json");
-            if json_wanted {
-                respond(req, 200, JSON, render_json(state).to_string());
-            } else {
-                respond(
-                    req,
-                    200,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    render_prometheus(state),
-                );
-            }
-        }
-        "/connections" => respond(req, 200, JSON, render_connections(state).to_string()),
-        "/healthz" => respond(req, 200, "text/plain; charset=utf-8", "ok\n".into()),
-        "/readyz" => {
-            let ready = state.ready.load(Relaxed) && !state.draining.load(Relaxed);
-            if ready {
-                respond(req, 200, "text/plain; charset=utf-8", "ready\n".into());
-            } else {
-                respond(req, 503, "text/plain; charset=utf-8", "draining\n".into());
-            }
-        }
-        _ => respond(req, 404, "text/plain; charset=utf-8", "not found\n".into()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_known_dates() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = UNIX_EPOCH + Duration::from_millis(1_795_362_601_123);
-        assert_eq!(rfc3339(t), "2026-11-22T15:50:01.123Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(&rfc3339(leap)[..10], "2000-02-29");
-    }
 
     #[test]
     fn label_escaping() {
