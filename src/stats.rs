@@ -51,13 +51,9 @@ impl Slots {
     /// Take one slot unless `limit` slots are taken.
     pub fn try_take(&self, limit: Option<usize>) -> bool {
         let max = limit.unwrap_or(usize::MAX);
-        match self
-            .live
+        self.live
             .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
-        {
-            Ok(_) => true,
-            Err(_) => false,
-        }
+            .is_ok()
     }
     /// Remember the current count as the peak if it is one.
     pub fn note_peak(&self) {
