@@ -13,10 +13,14 @@ run: build
 
 test:
 	$(CARGO) fmt --all -- --check
+	# Lints in src/lib.rs: undocumented unsafe blocks, unwrap/expect outside tests.
 	$(CARGO) clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
 	$(CARGO) test --release
 	# The core data-plane tests once more against two worker loops (SO_REUSEPORT).
 	EPOXY_TEST_WORKERS=2 $(CARGO) test --release --test main core::
+	# And against a debug build, which checks the worker's invariants after every batch.
+	$(CARGO) test --test main core::
 
 bench: build
 	bash bench/run.sh

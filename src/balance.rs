@@ -116,11 +116,6 @@ impl Balancer {
         self.weights.is_empty()
     }
 
-    /// The policy this balancer applies.
-    pub fn policy(&self) -> Balance {
-        self.policy
-    }
-
     /// Fill `out` (cleared first) with ALL target indices in the order to try them: targets
     /// for which `up(i)` is true first, in policy order, then the down ones (fail-open: if
     /// every target is down the policy orders all of them). Returns true if no target was up.

@@ -30,10 +30,6 @@ impl BufPool {
         Ok(BufPool { arena, size, free })
     }
 
-    pub fn buffer_size(&self) -> usize {
-        self.size
-    }
-
     /// Slots currently handed out.
     pub fn in_use(&self) -> usize {
         self.arena.len() / self.size.max(1) - self.free.len()

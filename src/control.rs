@@ -878,3 +878,64 @@ impl ShutdownHandle {
         self.send(Request::Reload);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AppConfig, TargetConfig};
+    use std::net::{TcpListener, TcpStream};
+
+    fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The embedding API gets the binary's lifecycle: a first request turns readiness off but
+    /// keeps listening through `drain_delay`; a second one closes everything at once.
+    #[test]
+    fn handle_drains_with_delay_and_second_request_stops() {
+        // The upstream: a listener whose backlog completes handshakes (never accepted).
+        let backend = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        let target = TargetConfig::new(backend.local_addr().expect("addr"));
+        let listen = "127.0.0.1:0".parse().expect("addr");
+        let config = Config {
+            apps: vec![AppConfig::new("t", vec![listen], vec![target])],
+            drain_delay: Duration::from_secs(60),
+            log_interval: None,
+            ..Config::default()
+        };
+        let life = Lifecycle::new().expect("lifecycle");
+        let handle = life.handle();
+        let proxy = Proxy::start(config).expect("start");
+        let addr = proxy.local_addrs()[0];
+        let view = proxy.view().clone();
+        let served = std::thread::spawn(move || proxy.serve(life, &Overrides::default()));
+
+        let _c1 = TcpStream::connect(addr).expect("connect before drain");
+        wait_for("the first pair", Duration::from_secs(10), || {
+            view.active() == 1
+        });
+        handle.shutdown();
+        wait_for("readiness off", Duration::from_secs(10), || !view.serving());
+        // Still listening during the drain delay.
+        let _c2 = TcpStream::connect(addr).expect("connect during drain delay");
+        wait_for("the second pair", Duration::from_secs(10), || {
+            view.active() == 2
+        });
+
+        let asked = Instant::now();
+        handle.shutdown();
+        wait_for("serve to return", Duration::from_secs(10), || {
+            served.is_finished()
+        });
+        assert!(asked.elapsed() < Duration::from_secs(10));
+        let finished = served.join().expect("serve thread").expect("serve");
+        assert!(finished.failures.is_empty(), "{:?}", finished.failures);
+        assert_eq!(finished.summary.accepted, 2);
+        let shutdown = crate::outcome::CloseReason::Shutdown as usize;
+        assert_eq!(finished.summary.closed[shutdown], 2);
+    }
+}
