@@ -1,20 +1,21 @@
 //! Command-line definitions (clap) and their translation into a `Config`: either one app from
-//! `-l -p -b -P`, or a config file (`-c`) with the flags as overrides. Resolves host names at
-//! start. Never starts anything.
+//! `-l -p -b -P`, or a config file (`-c`) with the flags as overrides. Both go through the
+//! same `config` loading (`config::load_args` / `config::load_file`), so the same rules and
+//! limits apply. Never resolves, validates beyond clap's value parsers, or starts anything.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 
-use crate::config::{self, AppConfig, Config, ConfigError, Overrides, TargetConfig, Workers};
+use crate::config::{self, AppArgs, Config, ConfigError, MAX_CPU, MAX_WORKERS, Overrides, Workers};
 
 /// epoxy: a TCP (layer 4) proxy and load balancer.
 #[derive(Debug, Parser)]
 #[command(name = "proxy", version, about, long_about = None)]
 pub struct Cli {
-    /// Address to listen on [default: 0.0.0.0]
+    /// Address to listen on: IPv4/IPv6 literal (or a host name, resolved at start) [default: 0.0.0.0]
     #[arg(short = 'l', long, value_name = "ADDR", conflicts_with = "config")]
     pub listen: Option<String>,
     /// Port to listen on (0 = any free port) [default: 8080]
@@ -105,8 +106,10 @@ fn parse_workers(s: &str) -> Result<Workers, String> {
         return Ok(Workers::Auto);
     }
     match s.parse::<usize>() {
-        Ok(n) if (1..=1024).contains(&n) => Ok(Workers::Count(n)),
-        _ => Err(format!("'{s}' is not a worker count (1-1024) or \"auto\"")),
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
+        _ => Err(format!(
+            "'{s}' is not a worker count (1-{MAX_WORKERS}) or \"auto\""
+        )),
     }
 }
 
@@ -119,13 +122,13 @@ pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
         if let Some((a, b)) = part.split_once('-') {
             let a: usize = a.trim().parse().map_err(|_| bad())?;
             let b: usize = b.trim().parse().map_err(|_| bad())?;
-            if a > b || b >= 4096 {
+            if a > b || b > MAX_CPU {
                 return Err(bad());
             }
             out.extend(a..=b);
         } else {
             let c: usize = part.parse().map_err(|_| bad())?;
-            if c >= 4096 {
+            if c > MAX_CPU {
                 return Err(bad());
             }
             out.push(c);
@@ -135,28 +138,6 @@ pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
         return Err(format!("empty CPU list '{s}'"));
     }
     Ok(CpuList(out))
-}
-
-fn resolve_one(host: &str, port: u16, what: &str) -> Result<SocketAddr, ConfigError> {
-    let err = |message: String| ConfigError {
-        file: None,
-        line: None,
-        app: None,
-        key: Some(what.to_string()),
-        message,
-    };
-    if let Ok(ip) = host
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse::<IpAddr>()
-    {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let mut addrs = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| err(format!("cannot resolve '{host}': {e}")))?;
-    addrs
-        .next()
-        .ok_or_else(|| err(format!("'{host}' resolved to no address")))
 }
 
 impl Cli {
@@ -186,23 +167,14 @@ impl Cli {
         if let Some(path) = &self.config {
             return config::load_file(path, &ov);
         }
-        let listen_host = self.listen.as_deref().unwrap_or("0.0.0.0");
-        let listen = resolve_one(listen_host, self.port.unwrap_or(8080), "listen")?;
-        let backend_host = self.backend.as_deref().unwrap_or("127.0.0.1");
-        let backend = resolve_one(backend_host, self.backend_port.unwrap_or(8081), "backend")?;
-        let mut target = TargetConfig::new(backend);
-        target.name = if backend_host.parse::<IpAddr>().is_ok() {
-            backend.to_string()
-        } else {
-            format!("{backend_host}:{}", backend.port())
+        let defaults = AppArgs::default();
+        let app = AppArgs {
+            listen: self.listen.clone().unwrap_or(defaults.listen),
+            port: self.port.unwrap_or(defaults.port),
+            backend: self.backend.clone().unwrap_or(defaults.backend),
+            backend_port: self.backend_port.unwrap_or(defaults.backend_port),
         };
-        let app = AppConfig::new("default", vec![listen], vec![target]);
-        let mut cfg = Config {
-            apps: vec![app],
-            ..Config::default()
-        };
-        config::resolve::apply_overrides(&mut cfg, &ov)?;
-        Ok(cfg)
+        config::load_args(&app, &ov)
     }
 }
 

@@ -6,7 +6,8 @@
 
 use serde::Deserialize;
 
-use super::resolve::{At, ConfigError, RawApp, RawDoc, RawListen, RawListenAt, RawTarget};
+use super::error::ConfigError;
+use super::raw::{At, RawApp, RawDoc, RawListen, RawListenAt, RawTarget};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -302,7 +303,7 @@ fn scan(text: &str) -> SourceMap {
 
 #[cfg(test)]
 mod tests {
-    use super::super::resolve::{Overrides, load_str};
+    use super::super::{Overrides, load_str};
 
     fn err(text: &str) -> String {
         match load_str(text, "a.json", &Overrides::default()) {
