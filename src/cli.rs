@@ -212,4 +212,140 @@ mod tests {
         let addr = cfg.map(|c| c.apps[0].targets[0].addr.to_string());
         assert_eq!(addr.as_deref(), Some("[::1]:9"));
     }
+
+    /// `to_config` for `args` (after "proxy").
+    fn config(args: &[&str]) -> Result<Config, String> {
+        let argv = std::iter::once("proxy").chain(args.iter().copied());
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.to_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn cli_target_that_is_its_own_listener_is_a_loop() {
+        for args in [
+            [
+                "-l",
+                "127.0.0.1",
+                "-p",
+                "8080",
+                "-b",
+                "127.0.0.1",
+                "-P",
+                "8080",
+            ],
+            [
+                "-l",
+                "0.0.0.0",
+                "-p",
+                "8080",
+                "-b",
+                "127.0.0.1",
+                "-P",
+                "8080",
+            ],
+            ["-l", "[::1]", "-p", "8080", "-b", "::1", "-P", "8080"],
+        ] {
+            let e = config(&args).expect_err("a loop");
+            assert!(e.contains("loop"), "{args:?}: {e}");
+            assert!(e.contains("key 'backend'"), "{args:?}: {e}");
+            assert!(e.contains("command line"), "{args:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        // The defaults listen on 0.0.0.0:8080, so -P 8080 alone loops too.
+        assert!(config(&["-P", "8080"]).is_err_and(|e| e.contains("loop")));
+        // Another port is fine.
+        assert!(
+            config(&[
+                "-l",
+                "127.0.0.1",
+                "-p",
+                "8080",
+                "-b",
+                "127.0.0.1",
+                "-P",
+                "8081"
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn cli_and_file_resolve_a_name_alike() {
+        let cli = config(&["-p", "0", "-b", "localhost", "-P", "8081"]).expect("cli");
+        let file = config::load_str(
+            "[[app]]\nname = \"a\"\nports = [0]\ntargets = [\"localhost:8081\"]\n",
+            "a.toml",
+            &Overrides::default(),
+        )
+        .expect("file");
+        assert_eq!(cli.apps[0].targets[0].addr, file.apps[0].targets[0].addr);
+        assert_eq!(cli.apps[0].targets[0].name, "localhost:8081");
+        assert_eq!(file.apps[0].targets[0].name, "localhost:8081");
+        // -l takes a name too, resolved the same way (IPv4 preferred).
+        let l = config(&["-l", "localhost", "-p", "0"]).expect("-l localhost");
+        assert_eq!(l.apps[0].listen[0].ip(), file.apps[0].targets[0].addr.ip());
+    }
+
+    #[test]
+    fn cli_target_names_are_the_address_text() {
+        let name = |args: &[&str]| config(args).map(|c| c.apps[0].targets[0].name.clone());
+        assert_eq!(name(&[]).as_deref(), Ok("127.0.0.1:8081"));
+        assert_eq!(name(&["-b", "::1", "-P", "9"]).as_deref(), Ok("[::1]:9"));
+        assert_eq!(name(&["-b", "[::1]", "-P", "9"]).as_deref(), Ok("[::1]:9"));
+        assert_eq!(name(&["-b", "0:0::1", "-P", "9"]).as_deref(), Ok("[::1]:9"));
+        let listen = |args: &[&str]| config(args).map(|c| c.apps[0].listen[0].to_string());
+        assert_eq!(
+            listen(&["-l", "[::1]", "-p", "0"]).as_deref(),
+            Ok("[::1]:0")
+        );
+        assert_eq!(listen(&["-l", "::", "-p", "7"]).as_deref(), Ok("[::]:7"));
+    }
+
+    #[test]
+    fn cli_value_errors_say_command_line() {
+        let e = config(&["-b", "no-such-host.invalid"]).expect_err("unresolvable");
+        assert!(e.starts_with("key 'backend': cannot resolve"), "{e}");
+        assert!(e.ends_with("(from the command line)"), "{e}");
+        let e = config(&["-l", "no-such-host.invalid"]).expect_err("unresolvable");
+        assert!(e.starts_with("key 'listen': "), "{e}");
+        assert!(e.ends_with("(from the command line)"), "{e}");
+        let e = config(&["-b", "bad host"]).expect_err("bad name");
+        assert!(
+            e.starts_with("key 'backend': target 'bad host:8081' may only"),
+            "{e}"
+        );
+        let e = config(&["-p", "9000", "--admin", "127.0.0.1:9000"]).expect_err("overlap");
+        assert!(e.starts_with("key 'admin': "), "{e}");
+        assert!(e.ends_with("(from the command line)"), "{e}");
+    }
+
+    #[test]
+    fn workers_limit_is_the_same_on_the_cli_and_in_a_file() {
+        let max = MAX_WORKERS.to_string();
+        let over = (MAX_WORKERS + 1).to_string();
+        assert_eq!(parse_workers(&max), Ok(Workers::Count(MAX_WORKERS)));
+        assert!(parse_workers(&over).is_err());
+        assert!(parse_workers("0").is_err());
+        let file = |n: &str| {
+            config::load_str(
+                &format!(
+                    "[defaults]\nworkers = {n}\n[[app]]\nname = \"a\"\nports = [0]\ntargets = [\"127.0.0.1:1\"]\n"
+                ),
+                "w.toml",
+                &Overrides::default(),
+            )
+        };
+        assert_eq!(
+            file(&max).map(|c| c.workers),
+            Ok(Workers::Count(MAX_WORKERS))
+        );
+        assert!(file(&over).is_err_and(|e| e.to_string().contains("key 'defaults.workers'")));
+        // Overrides from an embedder get the same check.
+        let ov = Overrides {
+            workers: Some(Workers::Count(MAX_WORKERS + 1)),
+            ..Overrides::default()
+        };
+        let e = config::load_args(&AppArgs::default(), &ov).expect_err("too many");
+        assert!(e.to_string().contains("key 'workers'"), "{e}");
+    }
 }
