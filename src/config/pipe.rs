@@ -154,4 +154,30 @@ mod tests {
         let e = err("# nothing here\n");
         assert!(e.contains("no apps"), "{e}");
     }
+
+    #[test]
+    fn bad_host_names_are_refused() {
+        let e = err("15001 | 127.0.0.1 | 5001\n15002 | <b> | 80\n");
+        assert!(
+            e.starts_with(
+                "f.conf:2: app 'port-15002': key 'remote_host': target '<b>:80' may only"
+            ),
+            "{e}"
+        );
+        let e = err("15001 | a b | 80\n");
+        assert!(
+            e.contains("key 'remote_host'") && e.contains("may only"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn local_port_zero_is_any_free_port() {
+        let text = "0 | 127.0.0.1 | 5001\n\n0 | 127.0.0.1 | 5002\n";
+        let c = load_str(text, "f.conf", &Overrides::default()).expect("loads");
+        assert_eq!(c.apps.len(), 2);
+        assert_eq!(c.apps[0].name, "port-0-line1");
+        assert_eq!(c.apps[1].name, "port-0-line3");
+        assert_eq!(c.apps[0].listen, vec!["0.0.0.0:0".parse().unwrap()]);
+    }
 }

@@ -1100,4 +1100,96 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn app_names_must_be_label_safe() {
+        let named = |name: &str| {
+            load_str(
+                &format!("[[app]]\nname = {name}\nports = [0]\ntargets = [\"127.0.0.1:1\"]\n"),
+                "cfg.toml",
+                &Overrides::default(),
+            )
+            .map(|c| c.apps[0].name.clone())
+            .map_err(|e| e.to_string())
+        };
+        let long = "x".repeat(MAX_APP_NAME);
+        for good in [
+            "web",
+            "five-thousand",
+            "port-17001",
+            "a.b_c-D9",
+            long.as_str(),
+        ] {
+            assert_eq!(named(&format!("\"{good}\"")).as_deref(), Ok(good));
+        }
+        let e = named("\"a\\nb\"").expect_err("newline");
+        assert_eq!(
+            e,
+            "cfg.toml:2: key 'name': app name 'a\\nb' may only contain A-Z a-z 0-9 . _ - (1-64 characters)"
+        );
+        let too_long = format!("\"{long}x\"");
+        for bad in [
+            "\"a b\"",
+            "\" web\"",
+            "\"<b>\"",
+            "\"é\"",
+            "\"a\\u0007\"",
+            "\"a/b\"",
+            too_long.as_str(),
+        ] {
+            let e = named(bad).expect_err(bad);
+            assert!(
+                e.starts_with("cfg.toml:2: key 'name': app name '"),
+                "{bad}: {e}"
+            );
+            assert!(!e.contains('\n') && !e.contains('\u{7}'), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn target_names_must_be_label_safe() {
+        let t = |target: &str| {
+            load_str(
+                &format!("[[app]]\nname = \"a\"\nports = [0]\ntargets = [{target}]\n"),
+                "cfg.toml",
+                &Overrides::default(),
+            )
+            .map(|c| c.apps[0].targets[0].name.clone())
+            .map_err(|e| e.to_string())
+        };
+        for good in [
+            "127.0.0.1:8081",
+            "[::1]:80",
+            "localhost:80",
+            "[fe80::1%1]:80",
+        ] {
+            assert_eq!(t(&format!("\"{good}\"")).as_deref(), Ok(good), "{good}");
+        }
+        let e = t("\"local\\nhost:80\"").expect_err("newline");
+        assert!(
+            e.starts_with(
+                "cfg.toml:4: app 'a': key 'targets': target 'local\\nhost:80' may only contain"
+            ),
+            "{e}"
+        );
+        let long = format!("\"{}.example:80\"", "a".repeat(MAX_TARGET_NAME));
+        for bad in ["\"<b>:80\"", "\"a b:80\"", "\"h\\\"x:80\"", long.as_str()] {
+            let e = t(bad).expect_err(bad);
+            assert!(
+                e.starts_with("cfg.toml:4: app 'a': key 'targets': target '"),
+                "{bad}: {e}"
+            );
+            assert!(e.contains("may only contain"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn name_predicates() {
+        assert!(is_valid_app_name("default"));
+        assert!(!is_valid_app_name(""));
+        assert!(!is_valid_app_name("a\nb"));
+        assert!(is_valid_target_name("db1.internal:5432"));
+        assert!(!is_valid_target_name("a\nb:1"));
+        assert!(!is_valid_target_name(&"a".repeat(MAX_TARGET_NAME + 1)));
+    }
 }
