@@ -24,7 +24,8 @@
 //!    only home of per-app built-ins (`Settings::builtin` starts from it, and so does the CLI).
 //!
 //! Only if it also gets a command-line flag: a field in [`Overrides`], one line in
-//! [`apply_overrides`], and the flag in `cli.rs` (`Cli::overrides`).
+//! `override_app` (and its check, if any, in `check_overrides`), and the flag in `cli.rs`
+//! (`Cli` and `Cli::overrides`).
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -537,7 +538,7 @@ fn listeners(apps: &[AppConfig]) -> impl Iterator<Item = (SocketAddr, &str)> {
 }
 
 /// A listener of `apps` that `addr` would collide with, if any.
-pub fn listen_conflict(apps: &[AppConfig], addr: SocketAddr) -> Option<(SocketAddr, &str)> {
+fn listen_conflict(apps: &[AppConfig], addr: SocketAddr) -> Option<(SocketAddr, &str)> {
     listeners(apps).find(|(l, _)| listen_overlap(*l, addr))
 }
 
@@ -706,9 +707,12 @@ fn app_targets(ctx: Ctx<'_>, app: &RawApp) -> Result<Vec<TargetConfig>, ConfigEr
             "must not be empty",
         ));
     }
-    if app.targets.len() > MAX_TARGETS {
-        let last = app.targets.last().map_or(app.targets_line, |t| t.line);
-        return Err(ctx.err(last, app.targets_key, "too many targets (at most 65535)"));
+    if let Some(extra) = app.targets.get(MAX_TARGETS) {
+        return Err(ctx.err(
+            extra.line,
+            extra.key,
+            format!("too many targets (at most {MAX_TARGETS})"),
+        ));
     }
     let mut targets: Vec<TargetConfig> = Vec::with_capacity(app.targets.len());
     for t in &app.targets {
@@ -794,6 +798,17 @@ fn check_admin(cfg: &Config, line: Option<usize>) -> Result<(), ConfigError> {
 /// Apply command-line overrides (they win over everything in the file) and check the values
 /// that came from the command line. Usable for a CLI-only config too.
 pub fn apply_overrides(cfg: &mut Config, ov: &Overrides) -> Result<(), ConfigError> {
+    check_overrides(&cfg.apps, ov)?;
+    override_globals(cfg, ov);
+    for app in &mut cfg.apps {
+        override_app(app, ov);
+    }
+    Ok(())
+}
+
+/// The rules for values that came from the command line (clap checks most of them already;
+/// this holds for embedders too): the same limits as in a file.
+fn check_overrides(apps: &[AppConfig], ov: &Overrides) -> Result<(), ConfigError> {
     let bad = |key: &str, msg: String| {
         Err(ConfigError::new(
             None,
@@ -802,51 +817,69 @@ pub fn apply_overrides(cfg: &mut Config, ov: &Overrides) -> Result<(), ConfigErr
             format!("{msg} (from the command line)"),
         ))
     };
+    let at_least_one = |key: &str, n: Option<usize>| match n {
+        Some(0) => bad(key, "must be at least 1".into()),
+        _ => Ok(()),
+    };
+    if let Some(Workers::Count(n)) = ov.workers
+        && !(1..=MAX_WORKERS).contains(&n)
+    {
+        return bad(
+            "workers",
+            format!("{n} is out of range (1..={MAX_WORKERS})"),
+        );
+    }
+    if let Some(cpu) = ov.cpu_pin.iter().flatten().find(|&&c| c > MAX_CPU) {
+        return bad(
+            "cpu_pin",
+            format!("CPU {cpu} is out of range (0..={MAX_CPU})"),
+        );
+    }
+    at_least_one("max_conns", ov.max_conns)?;
+    if let Some(b) = ov.buffer_size
+        && !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&b)
+    {
+        return bad(
+            "buffer_size",
+            format!("{b} is out of range ({MIN_BUFFER_SIZE}..={MAX_BUFFER_SIZE})"),
+        );
+    }
+    at_least_one("max_events", ov.max_events)?;
+    if ov.backlog.is_some_and(|b| b < 1) {
+        return bad("backlog", "must be at least 1".into());
+    }
+    if let Some(a) = ov.admin
+        && let Some((l, owner)) = listen_conflict(apps, a)
+    {
+        return bad(
+            "admin",
+            format!("{a} overlaps listen address {l} of app '{owner}'"),
+        );
+    }
+    if ov.connect_timeout.is_some_and(|t| t.is_zero()) {
+        return bad("connect_timeout", "must be greater than 0".into());
+    }
+    Ok(())
+}
+
+/// The process-wide overrides (already checked).
+fn override_globals(cfg: &mut Config, ov: &Overrides) {
     if let Some(w) = ov.workers {
-        if let Workers::Count(n) = w
-            && !(1..=MAX_WORKERS).contains(&n)
-        {
-            return bad(
-                "workers",
-                format!("{n} is out of range (1..={MAX_WORKERS})"),
-            );
-        }
         cfg.workers = w;
     }
     if let Some(c) = &ov.cpu_pin {
-        if let Some(bad_cpu) = c.iter().find(|&&c| c > MAX_CPU) {
-            return bad(
-                "cpu_pin",
-                format!("CPU {bad_cpu} is out of range (0..={MAX_CPU})"),
-            );
-        }
         cfg.cpu_pin = c.clone();
     }
     if let Some(m) = ov.max_conns {
-        if m == 0 {
-            return bad("max_conns", "must be at least 1".into());
-        }
         cfg.max_conns = Some(m);
     }
     if let Some(b) = ov.buffer_size {
-        if !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&b) {
-            return bad(
-                "buffer_size",
-                format!("{b} is out of range ({MIN_BUFFER_SIZE}..={MAX_BUFFER_SIZE})"),
-            );
-        }
         cfg.buffer_size = b;
     }
     if let Some(e) = ov.max_events {
-        if e == 0 {
-            return bad("max_events", "must be at least 1".into());
-        }
         cfg.max_events = e;
     }
     if let Some(b) = ov.backlog {
-        if b < 1 {
-            return bad("backlog", "must be at least 1".into());
-        }
         cfg.backlog = b;
     }
     if let Some(g) = ov.grace {
@@ -859,32 +892,24 @@ pub fn apply_overrides(cfg: &mut Config, ov: &Overrides) -> Result<(), ConfigErr
         cfg.log_interval = l.filter(|d| !d.is_zero());
     }
     if let Some(a) = ov.admin {
-        if let Some((l, owner)) = listen_conflict(&cfg.apps, a) {
-            return bad(
-                "admin",
-                format!("{a} overlaps listen address {l} of app '{owner}'"),
-            );
-        }
         cfg.admin = Some(a);
     }
-    if ov.connect_timeout.is_some_and(|t| t.is_zero()) {
-        return bad("connect_timeout", "must be greater than 0".into());
+}
+
+/// The per-app overrides (already checked), for every app alike.
+fn override_app(app: &mut AppConfig, ov: &Overrides) {
+    if let Some(t) = ov.connect_timeout {
+        app.connect_timeout = t;
     }
-    for app in &mut cfg.apps {
-        if let Some(t) = ov.connect_timeout {
-            app.connect_timeout = t;
-        }
-        if let Some(i) = ov.idle_timeout {
-            app.idle_timeout = i.filter(|d| !d.is_zero());
-        }
-        if let Some(a) = ov.access_log {
-            app.access_log = a;
-        }
-        if let Some(s) = ov.splice {
-            app.splice = s;
-        }
+    if let Some(i) = ov.idle_timeout {
+        app.idle_timeout = i.filter(|d| !d.is_zero());
     }
-    Ok(())
+    if let Some(a) = ov.access_log {
+        app.access_log = a;
+    }
+    if let Some(s) = ov.splice {
+        app.splice = s;
+    }
 }
 
 #[cfg(test)]
