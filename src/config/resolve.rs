@@ -601,22 +601,27 @@ fn resolve_globals(g: &RawGlobals) -> Result<Config, ConfigError> {
     set(&mut cfg.log_interval, &g.log_interval, |v| {
         dur_or_off(d, "log_interval", v)
     })?;
-    set(&mut cfg.admin, &g.admin_listen, |v| {
-        let a = Ctx {
-            app: None,
-            prefix: "admin.",
-        };
-        let msg = || format!("'{}' is not an ip:port address", escape_controls(&v.value));
-        let addr: SocketAddr = v
-            .value
-            .trim()
-            .parse()
-            .map_err(|_| a.err(v.line, "listen", msg()))?;
-        Ok(Some(addr))
-    })?;
+    set(&mut cfg.admin, &g.admin_listen, |v| admin_addr(v).map(Some))?;
     Ok(cfg)
 }
 
+/// `[admin] listen`: an "ip:port" address.
+fn admin_addr(v: &At<String>) -> Result<SocketAddr, ConfigError> {
+    let ctx = Ctx {
+        app: None,
+        prefix: "admin.",
+    };
+    v.value.trim().parse().map_err(|_| {
+        let shown = escape_controls(&v.value);
+        ctx.err(
+            v.line,
+            "listen",
+            format!("'{shown}' is not an ip:port address"),
+        )
+    })
+}
+
+/// `workers`: 1..=MAX_WORKERS or "auto".
 fn workers(w: &At<RawWorkers>) -> Result<Workers, ConfigError> {
     match &w.value {
         RawWorkers::Count(n) => {
@@ -685,15 +690,15 @@ fn app_listen(
     let mut listen: Vec<SocketAddr> = Vec::with_capacity(app.listen.len());
     for l in &app.listen {
         let addr = listen_addr(ctx, l)?;
-        let msg = if let Some(other) = listen.iter().find(|b| listen_overlap(**b, addr)) {
-            format!("{addr} is listed twice (overlaps {other})")
-        } else if let Some((other, owner)) = listen_conflict(earlier, addr) {
-            format!("{addr} is already used by app '{owner}' ({other})")
-        } else {
-            listen.push(addr);
-            continue;
-        };
-        return Err(ctx.err(l.line, l.key, msg));
+        if let Some(other) = listen.iter().find(|b| listen_overlap(**b, addr)) {
+            let msg = format!("{addr} is listed twice (overlaps {other})");
+            return Err(ctx.err(l.line, l.key, msg));
+        }
+        if let Some((other, owner)) = listen_conflict(earlier, addr) {
+            let msg = format!("{addr} is already used by app '{owner}' ({other})");
+            return Err(ctx.err(l.line, l.key, msg));
+        }
+        listen.push(addr);
     }
     Ok(listen)
 }
