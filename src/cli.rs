@@ -1,20 +1,21 @@
 //! Command-line definitions (clap) and their translation into a `Config`: either one app from
-//! `-l -p -b -P`, or a config file (`-c`) with the flags as overrides. Resolves host names at
-//! start. Never starts anything.
+//! `-l -p -b -P`, or a config file (`-c`) with the flags as overrides. Both go through the
+//! same `config` loading (`config::load_args` / `config::load_file`), so the same rules and
+//! limits apply. Never resolves, validates beyond clap's value parsers, or starts anything.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 
-use crate::config::{self, AppConfig, Config, ConfigError, Overrides, TargetConfig, Workers};
+use crate::config::{self, AppArgs, Config, ConfigError, MAX_CPU, MAX_WORKERS, Overrides, Workers};
 
 /// epoxy: a TCP (layer 4) proxy and load balancer.
 #[derive(Debug, Parser)]
 #[command(name = "proxy", version, about, long_about = None)]
 pub struct Cli {
-    /// Address to listen on [default: 0.0.0.0]
+    /// Address to listen on: IPv4/IPv6 literal (or a host name, resolved at start) [default: 0.0.0.0]
     #[arg(short = 'l', long, value_name = "ADDR", conflicts_with = "config")]
     pub listen: Option<String>,
     /// Port to listen on (0 = any free port) [default: 8080]
@@ -105,8 +106,10 @@ fn parse_workers(s: &str) -> Result<Workers, String> {
         return Ok(Workers::Auto);
     }
     match s.parse::<usize>() {
-        Ok(n) if (1..=1024).contains(&n) => Ok(Workers::Count(n)),
-        _ => Err(format!("'{s}' is not a worker count (1-1024) or \"auto\"")),
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
+        _ => Err(format!(
+            "'{s}' is not a worker count (1-{MAX_WORKERS}) or \"auto\""
+        )),
     }
 }
 
@@ -119,13 +122,13 @@ pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
         if let Some((a, b)) = part.split_once('-') {
             let a: usize = a.trim().parse().map_err(|_| bad())?;
             let b: usize = b.trim().parse().map_err(|_| bad())?;
-            if a > b || b >= 4096 {
+            if a > b || b > MAX_CPU {
                 return Err(bad());
             }
             out.extend(a..=b);
         } else {
             let c: usize = part.parse().map_err(|_| bad())?;
-            if c >= 4096 {
+            if c > MAX_CPU {
                 return Err(bad());
             }
             out.push(c);
@@ -135,28 +138,6 @@ pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
         return Err(format!("empty CPU list '{s}'"));
     }
     Ok(CpuList(out))
-}
-
-fn resolve_one(host: &str, port: u16, what: &str) -> Result<SocketAddr, ConfigError> {
-    let err = |message: String| ConfigError {
-        file: None,
-        line: None,
-        app: None,
-        key: Some(what.to_string()),
-        message,
-    };
-    if let Ok(ip) = host
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse::<IpAddr>()
-    {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let mut addrs = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| err(format!("cannot resolve '{host}': {e}")))?;
-    addrs
-        .next()
-        .ok_or_else(|| err(format!("'{host}' resolved to no address")))
 }
 
 impl Cli {
@@ -186,23 +167,14 @@ impl Cli {
         if let Some(path) = &self.config {
             return config::load_file(path, &ov);
         }
-        let listen_host = self.listen.as_deref().unwrap_or("0.0.0.0");
-        let listen = resolve_one(listen_host, self.port.unwrap_or(8080), "listen")?;
-        let backend_host = self.backend.as_deref().unwrap_or("127.0.0.1");
-        let backend = resolve_one(backend_host, self.backend_port.unwrap_or(8081), "backend")?;
-        let mut target = TargetConfig::new(backend);
-        target.name = if backend_host.parse::<IpAddr>().is_ok() {
-            backend.to_string()
-        } else {
-            format!("{backend_host}:{}", backend.port())
+        let defaults = AppArgs::default();
+        let app = AppArgs {
+            listen: self.listen.clone().unwrap_or(defaults.listen),
+            port: self.port.unwrap_or(defaults.port),
+            backend: self.backend.clone().unwrap_or(defaults.backend),
+            backend_port: self.backend_port.unwrap_or(defaults.backend_port),
         };
-        let app = AppConfig::new("default", vec![listen], vec![target]);
-        let mut cfg = Config {
-            apps: vec![app],
-            ..Config::default()
-        };
-        config::resolve::apply_overrides(&mut cfg, &ov)?;
-        Ok(cfg)
+        config::load_args(&app, &ov)
     }
 }
 
@@ -239,5 +211,141 @@ mod tests {
         let cfg = cli.ok().and_then(|c| c.to_config().ok());
         let addr = cfg.map(|c| c.apps[0].targets[0].addr.to_string());
         assert_eq!(addr.as_deref(), Some("[::1]:9"));
+    }
+
+    /// `to_config` for `args` (after "proxy").
+    fn config(args: &[&str]) -> Result<Config, String> {
+        let argv = std::iter::once("proxy").chain(args.iter().copied());
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.to_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn cli_target_that_is_its_own_listener_is_a_loop() {
+        for args in [
+            [
+                "-l",
+                "127.0.0.1",
+                "-p",
+                "8080",
+                "-b",
+                "127.0.0.1",
+                "-P",
+                "8080",
+            ],
+            [
+                "-l",
+                "0.0.0.0",
+                "-p",
+                "8080",
+                "-b",
+                "127.0.0.1",
+                "-P",
+                "8080",
+            ],
+            ["-l", "[::1]", "-p", "8080", "-b", "::1", "-P", "8080"],
+        ] {
+            let e = config(&args).expect_err("a loop");
+            assert!(e.contains("loop"), "{args:?}: {e}");
+            assert!(e.contains("key 'backend'"), "{args:?}: {e}");
+            assert!(e.contains("command line"), "{args:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        // The defaults listen on 0.0.0.0:8080, so -P 8080 alone loops too.
+        assert!(config(&["-P", "8080"]).is_err_and(|e| e.contains("loop")));
+        // Another port is fine.
+        assert!(
+            config(&[
+                "-l",
+                "127.0.0.1",
+                "-p",
+                "8080",
+                "-b",
+                "127.0.0.1",
+                "-P",
+                "8081"
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn cli_and_file_resolve_a_name_alike() {
+        let cli = config(&["-p", "0", "-b", "localhost", "-P", "8081"]).expect("cli");
+        let file = config::load_str(
+            "[[app]]\nname = \"a\"\nports = [0]\ntargets = [\"localhost:8081\"]\n",
+            "a.toml",
+            &Overrides::default(),
+        )
+        .expect("file");
+        assert_eq!(cli.apps[0].targets[0].addr, file.apps[0].targets[0].addr);
+        assert_eq!(cli.apps[0].targets[0].name, "localhost:8081");
+        assert_eq!(file.apps[0].targets[0].name, "localhost:8081");
+        // -l takes a name too, resolved the same way (IPv4 preferred).
+        let l = config(&["-l", "localhost", "-p", "0"]).expect("-l localhost");
+        assert_eq!(l.apps[0].listen[0].ip(), file.apps[0].targets[0].addr.ip());
+    }
+
+    #[test]
+    fn cli_target_names_are_the_address_text() {
+        let name = |args: &[&str]| config(args).map(|c| c.apps[0].targets[0].name.clone());
+        assert_eq!(name(&[]).as_deref(), Ok("127.0.0.1:8081"));
+        assert_eq!(name(&["-b", "::1", "-P", "9"]).as_deref(), Ok("[::1]:9"));
+        assert_eq!(name(&["-b", "[::1]", "-P", "9"]).as_deref(), Ok("[::1]:9"));
+        assert_eq!(name(&["-b", "0:0::1", "-P", "9"]).as_deref(), Ok("[::1]:9"));
+        let listen = |args: &[&str]| config(args).map(|c| c.apps[0].listen[0].to_string());
+        assert_eq!(
+            listen(&["-l", "[::1]", "-p", "0"]).as_deref(),
+            Ok("[::1]:0")
+        );
+        assert_eq!(listen(&["-l", "::", "-p", "7"]).as_deref(), Ok("[::]:7"));
+    }
+
+    #[test]
+    fn cli_value_errors_say_command_line() {
+        let e = config(&["-b", "no-such-host.invalid"]).expect_err("unresolvable");
+        assert!(e.starts_with("key 'backend': cannot resolve"), "{e}");
+        assert!(e.ends_with("(from the command line)"), "{e}");
+        let e = config(&["-l", "no-such-host.invalid"]).expect_err("unresolvable");
+        assert!(e.starts_with("key 'listen': "), "{e}");
+        assert!(e.ends_with("(from the command line)"), "{e}");
+        let e = config(&["-b", "bad host"]).expect_err("bad name");
+        assert!(
+            e.starts_with("key 'backend': target 'bad host:8081' may only"),
+            "{e}"
+        );
+        let e = config(&["-p", "9000", "--admin", "127.0.0.1:9000"]).expect_err("overlap");
+        assert!(e.starts_with("key 'admin': "), "{e}");
+        assert!(e.ends_with("(from the command line)"), "{e}");
+    }
+
+    #[test]
+    fn workers_limit_is_the_same_on_the_cli_and_in_a_file() {
+        let max = MAX_WORKERS.to_string();
+        let over = (MAX_WORKERS + 1).to_string();
+        assert_eq!(parse_workers(&max), Ok(Workers::Count(MAX_WORKERS)));
+        assert!(parse_workers(&over).is_err());
+        assert!(parse_workers("0").is_err());
+        let file = |n: &str| {
+            config::load_str(
+                &format!(
+                    "[defaults]\nworkers = {n}\n[[app]]\nname = \"a\"\nports = [0]\ntargets = [\"127.0.0.1:1\"]\n"
+                ),
+                "w.toml",
+                &Overrides::default(),
+            )
+        };
+        assert_eq!(
+            file(&max).map(|c| c.workers),
+            Ok(Workers::Count(MAX_WORKERS))
+        );
+        assert!(file(&over).is_err_and(|e| e.to_string().contains("key 'defaults.workers'")));
+        // Overrides from an embedder get the same check.
+        let ov = Overrides {
+            workers: Some(Workers::Count(MAX_WORKERS + 1)),
+            ..Overrides::default()
+        };
+        let e = config::load_args(&AppArgs::default(), &ov).expect_err("too many");
+        assert!(e.to_string().contains("key 'workers'"), "{e}");
     }
 }

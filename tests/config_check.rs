@@ -172,6 +172,18 @@ const BAD: &[Bad] = &[
         Some("targets"),
         Some(4),
     ),
+    bad(
+        "bad-app-name.toml",
+        "[[app]]\nname = \"a\\nb\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("name"),
+        Some(2),
+    ),
+    bad(
+        "bad-target-name.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\n  \"127.0.0.1:19001\",\n  \"<b>:80\",\n]\n",
+        Some("targets"),
+        Some(6),
+    ),
     // ---- JSON
     bad(
         "unknown-key.json",
@@ -209,6 +221,18 @@ const BAD: &[Bad] = &[
         Some("Targets"),
         Some(4),
     ),
+    bad(
+        "bad-app-name.json",
+        "{\"Apps\": [\n  {\"Name\": \"five thousand\",\n   \"Ports\": [19000],\n   \"Targets\": [\"127.0.0.1:19001\"]}\n]}\n",
+        Some("Name"),
+        Some(2),
+    ),
+    bad(
+        "bad-target-name.json",
+        "{\"Apps\": [\n  {\"Name\": \"x\",\n   \"Ports\": [19000],\n   \"Targets\": [\"host\\nname:80\"]}\n]}\n",
+        Some("Targets"),
+        Some(4),
+    ),
     // ---- pipe lines
     bad(
         "duplicate-port.conf",
@@ -231,6 +255,12 @@ const BAD: &[Bad] = &[
     bad(
         "unresolvable.conf",
         "19000 | 127.0.0.1 | 19001\n19002 | no-such-host.invalid | 80\n",
+        Some("remote_host"),
+        Some(2),
+    ),
+    bad(
+        "bad-host-name.conf",
+        "19000 | 127.0.0.1 | 19001\n19002 | <script> | 80\n",
         Some("remote_host"),
         Some(2),
     ),

@@ -1,6 +1,6 @@
 //! The native TOML format: a serde mirror of the file (every field `Spanned`, so that each
 //! later error can name its line) and its conversion into the format-neutral
-//! [`RawDoc`](super::resolve::RawDoc). Unknown keys and wrong types are errors here, with the
+//! [`RawDoc`](super::raw::RawDoc). Unknown keys and wrong types are errors here, with the
 //! line, app and key recovered from the parser's byte span. This module never resolves host
 //! names, applies defaults or validates values: `resolve.rs` does.
 
@@ -10,9 +10,10 @@ use serde::Deserialize;
 use serde::de::{self, MapAccess, Visitor};
 use toml::Spanned;
 
-use super::resolve::{
-    At, ConfigError, RawApp, RawAppSettings, RawDoc, RawGlobals, RawHealth, RawListen, RawListenAt,
-    RawTarget, RawWorkers, line_of,
+use super::error::ConfigError;
+use super::raw::{
+    At, RawApp, RawAppSettings, RawDoc, RawGlobals, RawHealth, RawListen, RawListenAt, RawTarget,
+    RawWorkers, line_of,
 };
 
 /// The whole file.
@@ -25,7 +26,9 @@ pub struct FileConfig {
     pub app: Vec<Spanned<AppFile>>,
 }
 
-/// `[defaults]`: process-wide settings and defaults for every app.
+/// `[defaults]`: process-wide settings and defaults for every app. The per-app keys here and in
+/// [`AppFile`] are the same (serde cannot flatten `Spanned` fields under `deny_unknown_fields`);
+/// `app_settings!` copies them.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Defaults {
@@ -189,6 +192,23 @@ fn health(text: &str, h: &HealthFile) -> RawHealth {
     }
 }
 
+/// The per-app settings of `$src` (a `Defaults` or an `AppFile`: both carry the same fields
+/// under the same names) as a `RawAppSettings`. One line per per-app key.
+macro_rules! app_settings {
+    ($text:expr, $src:expr) => {{
+        let (text, s) = ($text, $src);
+        RawAppSettings {
+            connect_timeout: s.connect_timeout.as_ref().map(|v| at_dur(text, v)),
+            idle_timeout: s.idle_timeout.as_ref().map(|v| at_dur(text, v)),
+            balance: s.balance.as_ref().map(|v| at(text, v)),
+            retries: s.retries.as_ref().map(|v| at(text, v)),
+            access_log: s.access_log.as_ref().map(|v| at(text, v)),
+            splice: s.splice.as_ref().map(|v| at(text, v)),
+            health: s.health.as_ref().map(|h| health(text, h)),
+        }
+    }};
+}
+
 /// Parse TOML text into the format-neutral document.
 pub fn parse(text: &str) -> Result<RawDoc, ConfigError> {
     let file: FileConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
@@ -224,15 +244,7 @@ fn to_raw(text: &str, file: &FileConfig) -> RawDoc {
             log_interval: d.log_interval.as_ref().map(|v| at_dur(text, v)),
             admin_listen: None,
         };
-        doc.defaults = RawAppSettings {
-            connect_timeout: d.connect_timeout.as_ref().map(|v| at_dur(text, v)),
-            idle_timeout: d.idle_timeout.as_ref().map(|v| at_dur(text, v)),
-            balance: d.balance.as_ref().map(|v| at(text, v)),
-            retries: d.retries.as_ref().map(|v| at(text, v)),
-            access_log: d.access_log.as_ref().map(|v| at(text, v)),
-            splice: d.splice.as_ref().map(|v| at(text, v)),
-            health: d.health.as_ref().map(|h| health(text, h)),
-        };
+        doc.defaults = app_settings!(text, d);
     }
     if let Some(a) = &file.admin {
         doc.globals.admin_listen = Some(at(text, &a.listen));
@@ -304,15 +316,7 @@ fn to_raw(text: &str, file: &FileConfig) -> RawDoc {
             targets_line: a.targets.as_ref().map(|t| line_of(text, t.span().start)),
             targets,
             max_conns: a.max_conns.as_ref().map(|v| at(text, v)),
-            settings: RawAppSettings {
-                connect_timeout: a.connect_timeout.as_ref().map(|v| at_dur(text, v)),
-                idle_timeout: a.idle_timeout.as_ref().map(|v| at_dur(text, v)),
-                balance: a.balance.as_ref().map(|v| at(text, v)),
-                retries: a.retries.as_ref().map(|v| at(text, v)),
-                access_log: a.access_log.as_ref().map(|v| at(text, v)),
-                splice: a.splice.as_ref().map(|v| at(text, v)),
-                health: a.health.as_ref().map(|h| health(text, h)),
-            },
+            settings: app_settings!(text, a),
         });
     }
     doc
@@ -457,8 +461,8 @@ fn app_at(text: &str, offset: usize) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::resolve::{Overrides, load_str};
     use super::super::{Balance, Workers};
+    use super::super::{Overrides, load_str};
     use std::time::Duration;
 
     fn load(text: &str) -> Result<super::super::Config, super::ConfigError> {

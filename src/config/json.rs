@@ -6,7 +6,8 @@
 
 use serde::Deserialize;
 
-use super::resolve::{At, ConfigError, RawApp, RawDoc, RawListen, RawListenAt, RawTarget};
+use super::error::ConfigError;
+use super::raw::{At, RawApp, RawDoc, RawListen, RawListenAt, RawTarget};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -302,7 +303,7 @@ fn scan(text: &str) -> SourceMap {
 
 #[cfg(test)]
 mod tests {
-    use super::super::resolve::{Overrides, load_str};
+    use super::super::{Overrides, load_str};
 
     fn err(text: &str) -> String {
         match load_str(text, "a.json", &Overrides::default()) {
@@ -379,5 +380,31 @@ mod tests {
         let e = err("{\"Apps\": [\n {\"Name\": \"x\",\n  \"Ports\": [1,,],\n]}");
         assert!(e.starts_with("a.json:3"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let e = err(
+            "{\"Apps\": [\n {\"Name\": \"a\\nb\",\n  \"Ports\": [1],\n  \"Targets\": [\"127.0.0.1:2\"]}\n]}",
+        );
+        assert!(
+            e.starts_with("a.json:2: key 'Name': app name 'a\\nb' may only"),
+            "{e}"
+        );
+        let e = err(
+            "{\"Apps\": [\n {\"Name\": \"x\",\n  \"Ports\": [1],\n  \"Targets\": [\"127.0.0.1:2\",\n  \"<b>:3\"]}\n]}",
+        );
+        assert!(
+            e.starts_with("a.json:5: app 'x': key 'Targets': target '<b>:3' may only"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn port_zero_is_any_free_port() {
+        let text =
+            "{\"Apps\": [{\"Name\": \"x\", \"Ports\": [0, 0], \"Targets\": [\"127.0.0.1:2\"]}]}";
+        let c = load_str(text, "a.json", &Overrides::default()).expect("loads");
+        assert_eq!(c.apps[0].listen, vec!["0.0.0.0:0".parse().unwrap(); 2]);
     }
 }

@@ -1,18 +1,131 @@
-//! The resolved configuration: what the runtime runs. Every value here is validated and has
-//! its defaults applied; nothing downstream re-checks it. Parsing of the on-disk formats lives
-//! in `file.rs` (TOML), `json.rs` and `pipe.rs`; precedence and validation in `resolve.rs`.
+//! The resolved configuration — what the runtime runs — and the one way to get it: every value
+//! here is validated and has its defaults applied; nothing downstream re-checks it.
+//!
+//! Layout (dependencies point down; nothing points back up):
+//! - `mod.rs` (this file): the resolved types and loading — [`load_file`], [`load_str`] and
+//!   [`load_args`] pick a parser, then call `resolve` and `apply_overrides`.
+//! - `file.rs` (TOML), `json.rs`, `pipe.rs` (the on-disk formats) and `args.rs` (the command
+//!   line's `-l -p -b -P`): parsers, each turning its input into a [`RawDoc`].
+//! - `resolve.rs`: a `RawDoc` into a [`Config`] — defaults, precedence, validation.
+//! - `raw.rs` (the format-neutral raw document) and `error.rs` ([`ConfigError`]): plain data,
+//!   used by all of the above.
+//!
 //! This module must never open sockets or read the clock.
 
+pub mod args;
+pub mod error;
 pub mod file;
 pub mod json;
 pub mod pipe;
+pub mod raw;
 pub mod resolve;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use resolve::{ConfigError, Overrides, load_file, parse_duration};
+pub use args::AppArgs;
+pub use error::ConfigError;
+pub use raw::RawDoc;
+pub use resolve::{MAX_CPU, MAX_WORKERS, Overrides, apply_overrides, parse_duration, resolve};
+
+/// The on-disk format of a config file, chosen by its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    Json,
+    Pipe,
+}
+
+impl Format {
+    /// `.toml`, `.json` or `.conf` (case-insensitive); anything else is `None`.
+    pub fn from_path(path: &Path) -> Option<Format> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "toml" => Some(Format::Toml),
+            "json" => Some(Format::Json),
+            "conf" => Some(Format::Pipe),
+            _ => None,
+        }
+    }
+}
+
+/// Load and validate a config file (format by extension), then apply CLI overrides.
+/// `Config.source` is the path.
+pub fn load_file(path: &Path, ov: &Overrides) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let format = Format::from_path(path).ok_or_else(|| ConfigError {
+        file: Some(file.clone()),
+        line: None,
+        app: None,
+        key: None,
+        message: "unknown config format: the file name must end in .toml, .json or .conf".into(),
+    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: Some(file.clone()),
+        line: None,
+        app: None,
+        key: None,
+        message: format!("cannot read config file: {e}"),
+    })?;
+    let mut cfg = load_text(&text, format, ov).map_err(|mut e| {
+        e.file = Some(file.clone());
+        e
+    })?;
+    cfg.source = Some(PathBuf::from(path));
+    Ok(cfg)
+}
+
+/// Like [`load_file`] for text already in memory; `name` (a file name) picks the format by its
+/// extension and is used in error messages. `Config.source` stays `None`.
+pub fn load_str(text: &str, name: &str, ov: &Overrides) -> Result<Config, ConfigError> {
+    let with_file = |mut e: ConfigError| {
+        e.file = Some(name.to_string());
+        e
+    };
+    let format = Format::from_path(Path::new(name)).ok_or_else(|| {
+        with_file(ConfigError::new(
+            None,
+            None,
+            None,
+            "unknown config format: the file name must end in .toml, .json or .conf",
+        ))
+    })?;
+    load_text(text, format, ov).map_err(with_file)
+}
+
+/// Parse `text` in `format`, resolve it and apply the overrides (errors carry no file name).
+pub fn load_text(text: &str, format: Format, ov: &Overrides) -> Result<Config, ConfigError> {
+    let raw = match format {
+        Format::Toml => file::parse(text)?,
+        Format::Json => json::parse(text)?,
+        Format::Pipe => pipe::parse(text)?,
+    };
+    let mut cfg = resolve(raw)?;
+    apply_overrides(&mut cfg, ov)?;
+    Ok(cfg)
+}
+
+/// The configuration a command line without `--config` describes: one app named `default`
+/// (see [`args`]), through the same `resolve` as a file, then the overrides. A host name for
+/// `-l` is resolved first (as a target name would be: IPv4 preferred). Errors say they come
+/// from the command line. `Config.source` is `None`.
+pub fn load_args(app: &AppArgs, ov: &Overrides) -> Result<Config, ConfigError> {
+    let from_cli = |mut e: ConfigError| {
+        e.app = None;
+        e.message.push_str(" (from the command line)");
+        e
+    };
+    let mut app = app.clone();
+    if args::ip_literal(&app.listen).is_none() {
+        let addr = resolve::resolve_host(&app.listen, app.port)
+            .map_err(|m| from_cli(ConfigError::new(None, None, Some("listen"), m)))?;
+        app.listen = addr.ip().to_string();
+    }
+    let mut cfg = resolve(args::parse(&app)).map_err(from_cli)?;
+    apply_overrides(&mut cfg, ov)?;
+    Ok(cfg)
+}
 
 /// Load-balancing policy of an app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,10 +1,12 @@
 //! The pipe-line format of the simpler forwarders, accepted unchanged:
 //! `local_port | remote_host | remote_port`, one app per line, `#` starts a comment (whole
 //! line or trailing), blank lines are ignored. Each line becomes an app named
-//! `port-<local_port>` listening on `0.0.0.0:<local_port>`. This module only splits and reads
+//! `port-<local_port>` listening on `0.0.0.0:<local_port>`. Local port 0 (any free port) may
+//! appear on several lines; such an app is named `port-0-line<N>` after its line. This module only splits and reads
 //! numbers; resolving and the remaining checks are `resolve.rs`'s.
 
-use super::resolve::{At, ConfigError, RawApp, RawDoc, RawListen, RawListenAt, RawTarget};
+use super::error::ConfigError;
+use super::raw::{At, RawApp, RawDoc, RawListen, RawListenAt, RawTarget};
 
 /// Parse pipe-line text into the format-neutral document.
 pub fn parse(text: &str) -> Result<RawDoc, ConfigError> {
@@ -31,16 +33,20 @@ pub fn parse(text: &str) -> Result<RawDoc, ConfigError> {
             ));
         }
         let (local, host, remote) = (fields[0], fields[1], fields[2]);
-        let local_port = port(local).ok_or_else(|| {
+        let local_port = local.parse::<u16>().map_err(|_| {
             ConfigError::new(
                 line,
                 None,
                 Some("local_port"),
-                format!("'{local}' is not a port (1..=65535)"),
+                format!("'{local}' is not a port (0..=65535; 0 = any free port)"),
             )
         })?;
-        let name = format!("port-{local_port}");
-        if let Some((_, first)) = taken.iter().find(|(p, _)| *p == local_port) {
+        let name = if local_port == 0 {
+            format!("port-0-line{n}")
+        } else {
+            format!("port-{local_port}")
+        };
+        if let Some((_, first)) = taken.iter().find(|(p, _)| *p == local_port && *p != 0) {
             return Err(ConfigError::new(
                 line,
                 Some(&name),
@@ -105,7 +111,7 @@ fn port(s: &str) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::resolve::{Overrides, load_str};
+    use super::super::{Overrides, load_str};
 
     fn err(text: &str) -> String {
         match load_str(text, "f.conf", &Overrides::default()) {
@@ -147,5 +153,31 @@ mod tests {
         assert!(e.contains("key 'remote_host'"), "{e}");
         let e = err("# nothing here\n");
         assert!(e.contains("no apps"), "{e}");
+    }
+
+    #[test]
+    fn bad_host_names_are_refused() {
+        let e = err("15001 | 127.0.0.1 | 5001\n15002 | <b> | 80\n");
+        assert!(
+            e.starts_with(
+                "f.conf:2: app 'port-15002': key 'remote_host': target '<b>:80' may only"
+            ),
+            "{e}"
+        );
+        let e = err("15001 | a b | 80\n");
+        assert!(
+            e.contains("key 'remote_host'") && e.contains("may only"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn local_port_zero_is_any_free_port() {
+        let text = "0 | 127.0.0.1 | 5001\n\n0 | 127.0.0.1 | 5002\n";
+        let c = load_str(text, "f.conf", &Overrides::default()).expect("loads");
+        assert_eq!(c.apps.len(), 2);
+        assert_eq!(c.apps[0].name, "port-0-line1");
+        assert_eq!(c.apps[1].name, "port-0-line3");
+        assert_eq!(c.apps[0].listen, vec!["0.0.0.0:0".parse().unwrap()]);
     }
 }

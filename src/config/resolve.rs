@@ -1,22 +1,41 @@
 //! Defaults, precedence (CLI flag > app setting > `[defaults]` > built-in) and validation.
 //!
-//! The three on-disk formats (`file.rs`, `json.rs`, `pipe.rs`) each turn their text into a
+//! The parsers (`file.rs`, `json.rs`, `pipe.rs`, `args.rs`) each turn their input into a
 //! [`RawDoc`]: the values as written, each with the line it came from. This module resolves a
 //! `RawDoc` into a [`Config`] — parsing durations, addresses and policies, resolving host names
 //! (the only blocking call here: `ToSocketAddrs` at load time), applying precedence and checking
 //! every rule — and reports the first problem as a one-line [`ConfigError`] that names the file,
-//! the line, the app and the key. It must never open sockets or panic on input.
+//! the line, the app and the key. It depends only on `raw.rs` and `error.rs` (and the resolved
+//! types of `mod.rs`): it never calls a parser, opens a socket or panics on input.
+//!
+//! Shape: [`resolve`] = `resolve_globals` + `resolve_app` per app (name, listeners, targets,
+//! settings) + the cross-app checks `check_loops` and `check_admin`; then [`apply_overrides`]
+//! puts the command line on top.
+//!
+//! # Adding a per-app key (say `foo`, allowed in `[[app]]` and in `[defaults]`)
+//!
+//! 1. `raw.rs`: a field `foo: Option<At<T>>` in [`RawAppSettings`] (the value as written).
+//! 2. `file.rs`: the field in both serde mirrors, `Defaults` and `AppFile` (serde cannot
+//!    flatten `Spanned` fields under `deny_unknown_fields`, hence two), and one line in the
+//!    `app_settings!` macro that copies them into `RawAppSettings`. The JSON and pipe formats
+//!    carry no per-app settings: nothing to do there.
+//! 3. `resolve.rs`: one `set(...)` line in `Settings::layer` (parse and range-check the value).
+//! 4. `mod.rs`: the field in `AppConfig` and its built-in default in `AppConfig::new` — the
+//!    only home of per-app built-ins (`Settings::builtin` starts from it, and so does the CLI).
+//!
+//! Only if it also gets a command-line flag: a field in [`Overrides`], one line in
+//! `override_app` (and its check, if any, in `check_overrides`), and the flag in `cli.rs`
+//! (`Cli` and `Cli::overrides`).
 
-use std::collections::HashSet;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{
-    ActiveHealth, AppConfig, Balance, Config, DEFAULT_CONNECT_TIMEOUT, HealthConfig, TargetConfig,
-    Workers,
+use super::error::{ConfigError, escape_controls};
+use super::raw::{
+    At, RawApp, RawAppSettings, RawDoc, RawGlobals, RawHealth, RawListen, RawListenAt, RawTarget,
+    RawWorkers,
 };
+use super::{ActiveHealth, AppConfig, Balance, Config, HealthConfig, TargetConfig, Workers};
 
 /// Good probes in a row that bring a down target back, when `[health]` does not say.
 pub const DEFAULT_RISE: u32 = 2;
@@ -28,13 +47,20 @@ pub const MIN_BUFFER_SIZE: usize = 1024;
 pub const MAX_BUFFER_SIZE: usize = 16 << 20;
 /// Largest accepted target `weight`.
 pub const MAX_WEIGHT: u32 = 1000;
+/// Largest accepted worker count, in a file and on the command line alike.
+pub const MAX_WORKERS: usize = 4096;
+/// Largest accepted CPU number in `cpu_pin`, in a file and on the command line alike.
+pub const MAX_CPU: usize = 1 << 16;
+/// Longest app name (characters of `[A-Za-z0-9._-]`).
+pub const MAX_APP_NAME: usize = 64;
+/// Longest target name (the target as written, characters of `[A-Za-z0-9._:[]%-]`).
+pub const MAX_TARGET_NAME: usize = 255;
 
-const MAX_WORKERS: i64 = 4096;
 const MAX_CONNS_LIMIT: i64 = 100_000_000;
 const MAX_EVENTS_LIMIT: i64 = 1 << 20;
 const MAX_BACKLOG: i64 = 1 << 20;
 const MAX_RETRIES: i64 = 1000;
-const MAX_CPU: i64 = 1 << 16;
+const MAX_TARGETS: usize = u16::MAX as usize;
 
 /// Values given on the command line; `Some` wins over the file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,73 +81,6 @@ pub struct Overrides {
     pub admin: Option<std::net::SocketAddr>,
     pub access_log: Option<bool>,
     pub splice: Option<bool>,
-}
-
-/// A configuration error: names the file, the line (where known), the app and the key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: Option<String>,
-    pub line: Option<usize>,
-    pub app: Option<String>,
-    pub key: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(file) = &self.file {
-            write!(f, "{file}")?;
-            if let Some(line) = self.line {
-                write!(f, ":{line}")?;
-            }
-            write!(f, ": ")?;
-        }
-        if let Some(app) = &self.app {
-            write!(f, "app '{app}': ")?;
-        }
-        if let Some(key) = &self.key {
-            write!(f, "key '{key}': ")?;
-        }
-        write!(f, "{}", self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-impl ConfigError {
-    /// An error about `key` of `app` (either may be absent) at `line` of the file being loaded;
-    /// `file` is filled in by [`load_file`] / [`load_str`].
-    pub fn new(
-        line: Option<usize>,
-        app: Option<&str>,
-        key: Option<&str>,
-        message: impl Into<String>,
-    ) -> ConfigError {
-        ConfigError {
-            file: None,
-            line,
-            app: app.map(str::to_string),
-            key: key.map(str::to_string),
-            message: one_line(&message.into()),
-        }
-    }
-}
-
-/// Error messages are always one line (a multi-line message from a parser is folded).
-fn one_line(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for (i, part) in s
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .enumerate()
-    {
-        if i > 0 {
-            out.push_str("; ");
-        }
-        out.push_str(part);
-    }
-    out
 }
 
 /// Parse "250ms", "5s", "10m", "1h", "off" (-> `None`). A bare number is seconds.
@@ -160,209 +119,22 @@ pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
     Ok(Some(Duration::from_secs_f64(secs)))
 }
 
-/// The on-disk format of a config file, chosen by its extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Toml,
-    Json,
-    Pipe,
-}
-
-impl Format {
-    /// `.toml`, `.json` or `.conf` (case-insensitive); anything else is `None`.
-    pub fn from_path(path: &Path) -> Option<Format> {
-        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-        match ext.as_str() {
-            "toml" => Some(Format::Toml),
-            "json" => Some(Format::Json),
-            "conf" => Some(Format::Pipe),
-            _ => None,
-        }
-    }
-}
-
-/// Load and validate a config file (format by extension), then apply CLI overrides.
-/// `Config.source` is the path.
-pub fn load_file(path: &Path, ov: &Overrides) -> Result<Config, ConfigError> {
-    let file = path.display().to_string();
-    let format = Format::from_path(path).ok_or_else(|| ConfigError {
-        file: Some(file.clone()),
-        line: None,
-        app: None,
-        key: None,
-        message: "unknown config format: the file name must end in .toml, .json or .conf".into(),
-    })?;
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: Some(file.clone()),
-        line: None,
-        app: None,
-        key: None,
-        message: format!("cannot read config file: {e}"),
-    })?;
-    let mut cfg = load_text(&text, format, ov).map_err(|mut e| {
-        e.file = Some(file.clone());
-        e
-    })?;
-    cfg.source = Some(PathBuf::from(path));
-    Ok(cfg)
-}
-
-/// Like [`load_file`] for text already in memory; `name` (a file name) picks the format by its
-/// extension and is used in error messages. `Config.source` stays `None`.
-pub fn load_str(text: &str, name: &str, ov: &Overrides) -> Result<Config, ConfigError> {
-    let with_file = |mut e: ConfigError| {
-        e.file = Some(name.to_string());
-        e
-    };
-    let format = Format::from_path(Path::new(name)).ok_or_else(|| {
-        with_file(ConfigError::new(
-            None,
-            None,
-            None,
-            "unknown config format: the file name must end in .toml, .json or .conf",
-        ))
-    })?;
-    load_text(text, format, ov).map_err(with_file)
-}
-
-fn load_text(text: &str, format: Format, ov: &Overrides) -> Result<Config, ConfigError> {
-    let raw = match format {
-        Format::Toml => super::file::parse(text)?,
-        Format::Json => super::json::parse(text)?,
-        Format::Pipe => super::pipe::parse(text)?,
-    };
-    let mut cfg = resolve(raw)?;
-    apply_overrides(&mut cfg, ov)?;
-    Ok(cfg)
-}
-
 // ---------------------------------------------------------------------------------------------
-// The format-neutral raw document.
-
-/// A value as written in the file, with the 1-based line it is on (when the format has lines).
-#[derive(Debug, Clone, PartialEq)]
-pub struct At<T> {
-    pub value: T,
-    pub line: Option<usize>,
-}
-
-impl<T> At<T> {
-    pub fn new(value: T, line: Option<usize>) -> At<T> {
-        At { value, line }
-    }
-}
-
-/// `workers` as written: an integer or a string (only "auto" is valid).
-#[derive(Debug, Clone, PartialEq)]
-pub enum RawWorkers {
-    Count(i64),
-    Word(String),
-}
-
-/// One listen entry as written.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RawListen {
-    /// "ip:port" (IPv6 in brackets).
-    Addr(String),
-    /// A bare port, bound on 0.0.0.0.
-    Port(i64),
-}
-
-/// A listen entry with the key it was written under (`listen`, `ports`, `Ports`, `local_port`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawListenAt {
-    pub listen: RawListen,
-    pub key: &'static str,
-    pub line: Option<usize>,
-}
-
-/// One target as written: "host:port" and an optional weight.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawTarget {
-    pub spec: String,
-    pub weight: Option<At<i64>>,
-    /// Key to blame when the address is wrong (`targets`, `Targets`, `remote_host`).
-    pub key: &'static str,
-    pub line: Option<usize>,
-}
-
-/// A `health` table as written.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RawHealth {
-    pub interval: Option<At<String>>,
-    pub timeout: Option<At<String>>,
-    pub down_time: Option<At<String>>,
-    pub rise: Option<At<i64>>,
-    pub fall: Option<At<i64>>,
-}
-
-/// Settings an app may carry and `[defaults]` may give for every app.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RawAppSettings {
-    pub connect_timeout: Option<At<String>>,
-    pub idle_timeout: Option<At<String>>,
-    pub balance: Option<At<String>>,
-    pub retries: Option<At<i64>>,
-    pub access_log: Option<At<bool>>,
-    pub splice: Option<At<bool>>,
-    pub health: Option<RawHealth>,
-}
-
-/// One app as written.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RawApp {
-    /// Line where the app starts.
-    pub line: Option<usize>,
-    /// Key naming the app in this format (`name`, `Name`).
-    pub name_key: &'static str,
-    pub name: Option<At<String>>,
-    /// Key and line to blame when there is no listen entry at all.
-    pub listen_key: &'static str,
-    pub listen_line: Option<usize>,
-    pub listen: Vec<RawListenAt>,
-    /// Key and line to blame when `targets` is missing or empty.
-    pub targets_key: &'static str,
-    pub targets_line: Option<usize>,
-    pub targets: Vec<RawTarget>,
-    pub max_conns: Option<At<i64>>,
-    pub settings: RawAppSettings,
-}
-
-/// Process-wide settings (`[defaults]` minus the per-app ones, and `[admin]`).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RawGlobals {
-    pub workers: Option<At<RawWorkers>>,
-    pub cpu_pin: Option<At<Vec<At<i64>>>>,
-    pub max_conns: Option<At<i64>>,
-    pub buffer_size: Option<At<i64>>,
-    pub max_events: Option<At<i64>>,
-    pub backlog: Option<At<i64>>,
-    pub grace_period: Option<At<String>>,
-    pub drain_delay: Option<At<String>>,
-    pub log_interval: Option<At<String>>,
-    pub admin_listen: Option<At<String>>,
-}
-
-/// A whole file as written, in any format.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RawDoc {
-    pub globals: RawGlobals,
-    pub defaults: RawAppSettings,
-    pub apps: Vec<RawApp>,
-    /// Key to blame when there are no apps (`app`, `Apps`).
-    pub apps_key: Option<&'static str>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Resolution.
+// Values.
 
 /// Where a value sits: app (if any) and key prefix, for error messages.
 #[derive(Clone, Copy)]
 struct Ctx<'a> {
     app: Option<&'a str>,
-    /// "" for app keys, "defaults." for `[defaults]`.
+    /// "" for app keys, "defaults." for `[defaults]`, "admin." for `[admin]`.
     prefix: &'static str,
 }
+
+/// Context of `[defaults]` keys.
+const DEFAULTS: Ctx<'static> = Ctx {
+    app: None,
+    prefix: "defaults.",
+};
 
 impl Ctx<'_> {
     fn err(&self, line: Option<usize>, key: &str, msg: impl Into<String>) -> ConfigError {
@@ -445,15 +217,28 @@ fn balance(ctx: Ctx<'_>, v: &At<String>) -> Result<Balance, ConfigError> {
     })
 }
 
-/// App settings after `[defaults]` and built-ins, before CLI overrides.
+/// Store `f(value)` in `slot` when the value was written.
+fn set<T, U>(
+    slot: &mut U,
+    raw: &Option<At<T>>,
+    f: impl FnOnce(&At<T>) -> Result<U, ConfigError>,
+) -> Result<(), ConfigError> {
+    if let Some(v) = raw {
+        *slot = f(v)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-app settings and their layering.
+
+/// An app's settings after built-ins, `[defaults]` and the app's own keys, before CLI overrides:
+/// an [`AppConfig`] used as a template (`name`, `listen`, `targets` and `max_conns` are set per
+/// app by [`Settings::into_app`]) plus the health keys, which become a [`HealthConfig`] only at
+/// the end (active checks are on when `interval` is set, and the probe timeout depends on it).
 #[derive(Debug, Clone)]
 struct Settings {
-    connect_timeout: Duration,
-    idle_timeout: Option<Duration>,
-    balance: Balance,
-    retries: Option<usize>,
-    access_log: bool,
-    splice: bool,
+    app: AppConfig,
     health: HealthSettings,
 }
 
@@ -468,16 +253,79 @@ struct HealthSettings {
     fall: u32,
 }
 
-impl HealthSettings {
-    fn builtin() -> HealthSettings {
-        let d = HealthConfig::default();
-        HealthSettings {
-            interval: None,
-            timeout: None,
-            down_time: d.down_time,
-            rise: DEFAULT_RISE,
-            fall: d.fall,
+impl Settings {
+    /// The built-in defaults: those of [`AppConfig::new`].
+    fn builtin() -> Settings {
+        let app = AppConfig::new("", Vec::new(), Vec::new());
+        let health = HealthSettings {
+            interval: app.health.active.map(|a| a.interval),
+            timeout: app.health.active.map(|a| a.timeout),
+            down_time: app.health.down_time,
+            rise: app.health.active.map_or(DEFAULT_RISE, |a| a.rise),
+            fall: app.health.fall,
+        };
+        Settings { app, health }
+    }
+
+    /// `raw` (an app's or `[defaults]`'s) layered over `self`.
+    fn layer(&self, ctx: Ctx<'_>, raw: &RawAppSettings) -> Result<Settings, ConfigError> {
+        let mut s = self.clone();
+        let a = &mut s.app;
+        set(&mut a.connect_timeout, &raw.connect_timeout, |v| {
+            dur_positive(ctx, "connect_timeout", v)
+        })?;
+        set(&mut a.idle_timeout, &raw.idle_timeout, |v| {
+            dur_or_off(ctx, "idle_timeout", v)
+        })?;
+        set(&mut a.balance, &raw.balance, |v| balance(ctx, v))?;
+        set(&mut a.retries, &raw.retries, |v| {
+            usize_in(ctx, "retries", v, 0, MAX_RETRIES).map(Some)
+        })?;
+        set(&mut a.access_log, &raw.access_log, |v| Ok(v.value))?;
+        set(&mut a.splice, &raw.splice, |v| Ok(v.value))?;
+        if let Some(h) = &raw.health {
+            s.health.layer(ctx, h)?;
         }
+        Ok(s)
+    }
+
+    /// The finished app.
+    fn into_app(
+        self,
+        name: &str,
+        listen: Vec<SocketAddr>,
+        targets: Vec<TargetConfig>,
+        max_conns: Option<usize>,
+    ) -> AppConfig {
+        AppConfig {
+            name: name.to_string(),
+            listen,
+            targets,
+            max_conns,
+            health: self.health.resolve(),
+            ..self.app
+        }
+    }
+}
+
+impl HealthSettings {
+    fn layer(&mut self, ctx: Ctx<'_>, h: &RawHealth) -> Result<(), ConfigError> {
+        set(&mut self.interval, &h.interval, |v| {
+            dur_or_off(ctx, "health.interval", v)
+        })?;
+        set(&mut self.timeout, &h.timeout, |v| {
+            dur_positive(ctx, "health.timeout", v).map(Some)
+        })?;
+        set(&mut self.down_time, &h.down_time, |v| {
+            dur_or_zero(ctx, "health.down_time", v)
+        })?;
+        set(&mut self.rise, &h.rise, |v| {
+            u32_in(ctx, "health.rise", v, 1, 1000)
+        })?;
+        set(&mut self.fall, &h.fall, |v| {
+            u32_in(ctx, "health.fall", v, 1, 1000)
+        })?;
+        Ok(())
     }
 
     fn resolve(&self) -> HealthConfig {
@@ -496,89 +344,90 @@ impl HealthSettings {
     }
 }
 
-impl Settings {
-    fn builtin() -> Settings {
-        Settings {
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            idle_timeout: None,
-            balance: Balance::default(),
-            retries: None,
-            access_log: false,
-            splice: false,
-            health: HealthSettings::builtin(),
-        }
-    }
+// ---------------------------------------------------------------------------------------------
+// Names.
 
-    /// `raw` (an app's or `[defaults]`'s) layered over `self`.
-    fn layer(&self, ctx: Ctx<'_>, raw: &RawAppSettings) -> Result<Settings, ConfigError> {
-        let mut s = self.clone();
-        if let Some(v) = &raw.connect_timeout {
-            s.connect_timeout = dur_positive(ctx, "connect_timeout", v)?;
-        }
-        if let Some(v) = &raw.idle_timeout {
-            s.idle_timeout = dur_or_off(ctx, "idle_timeout", v)?;
-        }
-        if let Some(v) = &raw.balance {
-            s.balance = balance(ctx, v)?;
-        }
-        if let Some(v) = &raw.retries {
-            s.retries = Some(usize_in(ctx, "retries", v, 0, MAX_RETRIES)?);
-        }
-        if let Some(v) = &raw.access_log {
-            s.access_log = v.value;
-        }
-        if let Some(v) = &raw.splice {
-            s.splice = v.value;
-        }
-        if let Some(h) = &raw.health {
-            let hs = &mut s.health;
-            if let Some(v) = &h.interval {
-                hs.interval = dur_or_off(ctx, "health.interval", v)?;
-            }
-            if let Some(v) = &h.timeout {
-                hs.timeout = Some(dur_positive(ctx, "health.timeout", v)?);
-            }
-            if let Some(v) = &h.down_time {
-                hs.down_time = dur_or_zero(ctx, "health.down_time", v)?;
-            }
-            if let Some(v) = &h.rise {
-                hs.rise = u32_in(ctx, "health.rise", v, 1, 1000)?;
-            }
-            if let Some(v) = &h.fall {
-                hs.fall = u32_in(ctx, "health.fall", v, 1, 1000)?;
-            }
-        }
-        Ok(s)
-    }
+/// Whether `name` is a valid app name: 1..=64 characters of `[A-Za-z0-9._-]` (safe in a
+/// Prometheus label, a log line and HTML).
+pub fn is_valid_app_name(name: &str) -> bool {
+    (1..=MAX_APP_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Parse "ip:port" / "[v6]:port" for a listen entry.
+/// Whether `name` is a valid target name (the target as written, e.g. `db1.internal:5432`,
+/// `[::1]:80`): at most 255 characters of `[A-Za-z0-9._:[]%-]`.
+pub fn is_valid_target_name(name: &str) -> bool {
+    name.len() <= MAX_TARGET_NAME
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'[' | b']' | b'%' | b'-')
+        })
+}
+
+/// The app's name: present, valid and not taken by an earlier app.
+fn app_name<'a>(
+    index: usize,
+    app: &'a RawApp,
+    earlier: &[AppConfig],
+) -> Result<&'a str, ConfigError> {
+    let err = |line, msg: String| ConfigError::new(line, None, Some(app.name_key), msg);
+    let Some(name) = &app.name else {
+        return Err(err(app.line, format!("app #{} has no name", index + 1)));
+    };
+    if name.value.trim().is_empty() {
+        return Err(err(
+            name.line,
+            format!("app #{} has an empty name", index + 1),
+        ));
+    }
+    if !is_valid_app_name(&name.value) {
+        return Err(err(
+            name.line,
+            format!(
+                "app name '{}' may only contain A-Z a-z 0-9 . _ - (1-{MAX_APP_NAME} characters)",
+                escape_controls(&name.value)
+            ),
+        ));
+    }
+    if earlier.iter().any(|a| a.name == name.value) {
+        return Err(ConfigError::new(
+            name.line,
+            Some(&name.value),
+            Some(app.name_key),
+            format!("duplicate app name '{}'", name.value),
+        ));
+    }
+    Ok(&name.value)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses.
+
+/// Parse "ip:port" / "[v6]:port" for a listen entry, or a bare port (bound on 0.0.0.0).
+/// Port 0 is allowed everywhere: any free port.
 fn listen_addr(ctx: Ctx<'_>, l: &RawListenAt) -> Result<SocketAddr, ConfigError> {
     match &l.listen {
         RawListen::Port(p) => {
-            if !(0..=65535).contains(p) {
-                return Err(ctx.err(
-                    l.line,
-                    l.key,
-                    format!("port {p} is out of range (0..=65535; 0 = any free port)"),
-                ));
-            }
-            let port = u16::try_from(*p)
-                .map_err(|_| ctx.err(l.line, l.key, format!("port {p} is out of range")))?;
-            Ok(SocketAddr::from(([0, 0, 0, 0], port)))
-        }
-        RawListen::Addr(s) => {
-            let addr: SocketAddr = s.trim().parse().map_err(|_| {
+            let port = u16::try_from(*p).map_err(|_| {
                 ctx.err(
                     l.line,
                     l.key,
-                    format!(
-                        "'{s}' is not an ip:port address (e.g. \"0.0.0.0:8080\" or \"[::]:8080\")"
-                    ),
+                    format!("port {p} is out of range (0..=65535; 0 = any free port)"),
                 )
             })?;
-            Ok(addr)
+            Ok(SocketAddr::from(([0, 0, 0, 0], port)))
         }
+        RawListen::Addr(s) => s.trim().parse().map_err(|_| {
+            ctx.err(
+                l.line,
+                l.key,
+                format!(
+                    "'{}' is not an ip:port address (e.g. \"0.0.0.0:8080\" or \"[::]:8080\")",
+                    escape_controls(s)
+                ),
+            )
+        }),
     }
 }
 
@@ -598,60 +447,59 @@ fn split_host_port(spec: &str) -> Option<(&str, &str)> {
     Some((host, port))
 }
 
-/// Resolve a target "host:port": an IP literal directly, a name with the system resolver
-/// (the first IPv4 address if there is one, else the first address).
-fn target_addr(ctx: Ctx<'_>, t: &RawTarget) -> Result<SocketAddr, ConfigError> {
-    let spec = t.spec.trim();
-    if let Ok(addr) = spec.parse::<SocketAddr>() {
-        if addr.port() == 0 {
-            return Err(ctx.err(
-                t.line,
-                t.key,
-                format!("target '{spec}': port 0 is not allowed (1..=65535)"),
-            ));
-        }
-        return Ok(addr);
-    }
-    let (host, port) = split_host_port(spec).ok_or_else(|| {
-        ctx.err(
-            t.line,
-            t.key,
-            format!("target '{spec}' is not host:port (IPv6 goes in brackets: \"[::1]:80\")"),
-        )
-    })?;
-    let port: u16 = match port.trim().parse::<u16>() {
-        Ok(p) if p != 0 => p,
-        _ => {
-            return Err(ctx.err(
-                t.line,
-                t.key,
-                format!("target '{spec}': port '{port}' is out of range (1..=65535)"),
-            ));
-        }
-    };
+/// Resolve `host` (an IP literal, brackets optional, or a name for the system resolver) with
+/// `port`: a name gives its first IPv4 address if it has one, else its first address. The one
+/// resolver of the crate's configuration: file targets and the command line both use it.
+pub fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, String> {
     let host = host.trim();
-    if host.is_empty() {
-        return Err(ctx.err(t.line, t.key, format!("target '{spec}' has no host")));
-    }
-    if let Ok(ip) = host.parse::<IpAddr>() {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
-    let addrs: Vec<SocketAddr> = (host, port)
+    let addrs: Vec<SocketAddr> = (bare, port)
         .to_socket_addrs()
-        .map_err(|e| ctx.err(t.line, t.key, format!("cannot resolve host '{host}': {e}")))?
+        .map_err(|e| format!("cannot resolve host '{bare}': {e}"))?
         .collect();
     addrs
         .iter()
         .find(|a| a.is_ipv4())
         .or_else(|| addrs.first())
         .copied()
-        .ok_or_else(|| {
-            ctx.err(
-                t.line,
-                t.key,
-                format!("cannot resolve host '{host}': no addresses"),
-            )
-        })
+        .ok_or_else(|| format!("cannot resolve host '{bare}': no addresses"))
+}
+
+/// Resolve a target "host:port" (see [`resolve_host`]); port 0 is refused.
+fn target_addr(ctx: Ctx<'_>, t: &RawTarget) -> Result<SocketAddr, ConfigError> {
+    let spec = t.spec.trim();
+    let err = |msg: String| ctx.err(t.line, t.key, msg);
+    if let Ok(addr) = spec.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(err(format!(
+                "target '{spec}': port 0 is not allowed (1..=65535)"
+            )));
+        }
+        return Ok(addr);
+    }
+    let (host, port) = split_host_port(spec).ok_or_else(|| {
+        err(format!(
+            "target '{spec}' is not host:port (IPv6 goes in brackets: \"[::1]:80\")"
+        ))
+    })?;
+    let port: u16 = match port.trim().parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => {
+            return Err(err(format!(
+                "target '{spec}': port '{port}' is out of range (1..=65535)"
+            )));
+        }
+    };
+    if host.trim().is_empty() {
+        return Err(err(format!("target '{spec}' has no host")));
+    }
+    resolve_host(host, port).map_err(err)
 }
 
 /// Whether binding `a` and `b` would collide (same port, and the same IP or a wildcard of the
@@ -683,86 +531,24 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Every listen address of `apps`, with the name of its app.
+fn listeners(apps: &[AppConfig]) -> impl Iterator<Item = (SocketAddr, &str)> {
+    apps.iter()
+        .flat_map(|a| a.listen.iter().map(move |l| (*l, a.name.as_str())))
+}
+
+/// A listener of `apps` that `addr` would collide with, if any.
+fn listen_conflict(apps: &[AppConfig], addr: SocketAddr) -> Option<(SocketAddr, &str)> {
+    listeners(apps).find(|(l, _)| listen_overlap(*l, addr))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolution.
+
 /// Resolve and validate a raw document into a `Config` (no CLI overrides yet).
 pub fn resolve(raw: RawDoc) -> Result<Config, ConfigError> {
-    let g = &raw.globals;
-    let dctx = Ctx {
-        app: None,
-        prefix: "defaults.",
-    };
-    let mut cfg = Config::default();
-
-    if let Some(w) = &g.workers {
-        cfg.workers = match &w.value {
-            RawWorkers::Count(n) => Workers::Count(usize_in(
-                dctx,
-                "workers",
-                &At::new(*n, w.line),
-                1,
-                MAX_WORKERS,
-            )?),
-            RawWorkers::Word(s) if s.trim().eq_ignore_ascii_case("auto") => Workers::Auto,
-            RawWorkers::Word(s) => {
-                return Err(dctx.err(
-                    w.line,
-                    "workers",
-                    format!("'{s}' is not a number of workers or \"auto\""),
-                ));
-            }
-        };
-    }
-    if let Some(list) = &g.cpu_pin {
-        let mut cpus = Vec::with_capacity(list.value.len());
-        for c in &list.value {
-            cpus.push(usize_in(dctx, "cpu_pin", c, 0, MAX_CPU)?);
-        }
-        cfg.cpu_pin = cpus;
-    }
-    if let Some(v) = &g.max_conns {
-        cfg.max_conns = Some(usize_in(dctx, "max_conns", v, 1, MAX_CONNS_LIMIT)?);
-    }
-    if let Some(v) = &g.buffer_size {
-        cfg.buffer_size = usize_in(
-            dctx,
-            "buffer_size",
-            v,
-            MIN_BUFFER_SIZE as i64,
-            MAX_BUFFER_SIZE as i64,
-        )?;
-    }
-    if let Some(v) = &g.max_events {
-        cfg.max_events = usize_in(dctx, "max_events", v, 1, MAX_EVENTS_LIMIT)?;
-    }
-    if let Some(v) = &g.backlog {
-        cfg.backlog = i32::try_from(int_in(dctx, "backlog", v, 1, MAX_BACKLOG)?)
-            .map_err(|_| dctx.err(v.line, "backlog", "out of range"))?;
-    }
-    if let Some(v) = &g.grace_period {
-        cfg.grace = dur_or_zero(dctx, "grace_period", v)?;
-    }
-    if let Some(v) = &g.drain_delay {
-        cfg.drain_delay = dur_or_zero(dctx, "drain_delay", v)?;
-    }
-    if let Some(v) = &g.log_interval {
-        cfg.log_interval = dur_or_off(dctx, "log_interval", v)?;
-    }
-    if let Some(v) = &g.admin_listen {
-        let actx = Ctx {
-            app: None,
-            prefix: "admin.",
-        };
-        let addr: SocketAddr = v.value.trim().parse().map_err(|_| {
-            actx.err(
-                v.line,
-                "listen",
-                format!("'{}' is not an ip:port address", v.value),
-            )
-        })?;
-        cfg.admin = Some(addr);
-    }
-
-    let defaults = Settings::builtin().layer(dctx, &raw.defaults)?;
-
+    let mut cfg = resolve_globals(&raw.globals)?;
+    let defaults = Settings::builtin().layer(DEFAULTS, &raw.defaults)?;
     if raw.apps.is_empty() {
         return Err(ConfigError::new(
             None,
@@ -771,137 +557,218 @@ pub fn resolve(raw: RawDoc) -> Result<Config, ConfigError> {
             "no apps defined: at least one app is required",
         ));
     }
-
-    let mut names: HashSet<String> = HashSet::new();
-    // Every listen address so far, with its app and line (for overlap errors).
-    let mut bound: Vec<(SocketAddr, String)> = Vec::new();
-    // Per app, the line of each target (for the own-listener check below).
-    let mut target_lines: Vec<Vec<(Option<usize>, &'static str)>> = Vec::new();
-
     for (index, app) in raw.apps.iter().enumerate() {
-        let name = match &app.name {
-            Some(n) if !n.value.trim().is_empty() => n,
-            Some(n) => {
-                return Err(ConfigError::new(
-                    n.line,
-                    None,
-                    Some(app.name_key),
-                    format!("app #{} has an empty name", index + 1),
-                ));
-            }
-            None => {
-                return Err(ConfigError::new(
-                    app.line,
-                    None,
-                    Some(app.name_key),
-                    format!("app #{} has no name", index + 1),
-                ));
-            }
-        };
-        let ctx = Ctx {
-            app: Some(&name.value),
-            prefix: "",
-        };
-        if !names.insert(name.value.clone()) {
+        let resolved = resolve_app(index, app, &defaults, &cfg.apps)?;
+        cfg.apps.push(resolved);
+    }
+    check_loops(&cfg.apps, &raw.apps)?;
+    check_admin(&cfg, raw.globals.admin_listen.as_ref().and_then(|a| a.line))?;
+    Ok(cfg)
+}
+
+/// The process-wide settings (`[defaults]` minus the per-app keys, and `[admin]`); `apps` is
+/// left empty.
+fn resolve_globals(g: &RawGlobals) -> Result<Config, ConfigError> {
+    let d = DEFAULTS;
+    let mut cfg = Config::default();
+    set(&mut cfg.workers, &g.workers, workers)?;
+    set(&mut cfg.cpu_pin, &g.cpu_pin, |list| {
+        list.value
+            .iter()
+            .map(|c| usize_in(d, "cpu_pin", c, 0, MAX_CPU as i64))
+            .collect()
+    })?;
+    set(&mut cfg.max_conns, &g.max_conns, |v| {
+        usize_in(d, "max_conns", v, 1, MAX_CONNS_LIMIT).map(Some)
+    })?;
+    set(&mut cfg.buffer_size, &g.buffer_size, |v| {
+        let (min, max) = (MIN_BUFFER_SIZE as i64, MAX_BUFFER_SIZE as i64);
+        usize_in(d, "buffer_size", v, min, max)
+    })?;
+    set(&mut cfg.max_events, &g.max_events, |v| {
+        usize_in(d, "max_events", v, 1, MAX_EVENTS_LIMIT)
+    })?;
+    set(&mut cfg.backlog, &g.backlog, |v| {
+        i32::try_from(int_in(d, "backlog", v, 1, MAX_BACKLOG)?)
+            .map_err(|_| d.err(v.line, "backlog", "out of range"))
+    })?;
+    set(&mut cfg.grace, &g.grace_period, |v| {
+        dur_or_zero(d, "grace_period", v)
+    })?;
+    set(&mut cfg.drain_delay, &g.drain_delay, |v| {
+        dur_or_zero(d, "drain_delay", v)
+    })?;
+    set(&mut cfg.log_interval, &g.log_interval, |v| {
+        dur_or_off(d, "log_interval", v)
+    })?;
+    set(&mut cfg.admin, &g.admin_listen, |v| admin_addr(v).map(Some))?;
+    Ok(cfg)
+}
+
+/// `[admin] listen`: an "ip:port" address.
+fn admin_addr(v: &At<String>) -> Result<SocketAddr, ConfigError> {
+    let ctx = Ctx {
+        app: None,
+        prefix: "admin.",
+    };
+    v.value.trim().parse().map_err(|_| {
+        let shown = escape_controls(&v.value);
+        ctx.err(
+            v.line,
+            "listen",
+            format!("'{shown}' is not an ip:port address"),
+        )
+    })
+}
+
+/// `workers`: 1..=MAX_WORKERS or "auto".
+fn workers(w: &At<RawWorkers>) -> Result<Workers, ConfigError> {
+    match &w.value {
+        RawWorkers::Count(n) => {
+            let n = usize_in(
+                DEFAULTS,
+                "workers",
+                &At::new(*n, w.line),
+                1,
+                MAX_WORKERS as i64,
+            )?;
+            Ok(Workers::Count(n))
+        }
+        RawWorkers::Word(s) if s.trim().eq_ignore_ascii_case("auto") => Ok(Workers::Auto),
+        RawWorkers::Word(s) => Err(DEFAULTS.err(
+            w.line,
+            "workers",
+            format!(
+                "'{}' is not a number of workers or \"auto\"",
+                escape_controls(s)
+            ),
+        )),
+    }
+}
+
+/// Resolve app number `index` (0-based) over the `[defaults]` settings; `earlier` are the apps
+/// before it, for the unique-name and listener-overlap rules.
+fn resolve_app(
+    index: usize,
+    app: &RawApp,
+    defaults: &Settings,
+    earlier: &[AppConfig],
+) -> Result<AppConfig, ConfigError> {
+    let name = app_name(index, app, earlier)?;
+    let ctx = Ctx {
+        app: Some(name),
+        prefix: "",
+    };
+    let listen = app_listen(ctx, app, earlier)?;
+    let targets = app_targets(ctx, app)?;
+    let max_conns = match &app.max_conns {
+        Some(v) => Some(usize_in(ctx, "max_conns", v, 1, MAX_CONNS_LIMIT)?),
+        None => None,
+    };
+    let settings = defaults.layer(ctx, &app.settings)?;
+    Ok(settings.into_app(name, listen, targets, max_conns))
+}
+
+/// The app's listen addresses: at least one, none colliding with another (this app's or an
+/// earlier app's).
+fn app_listen(
+    ctx: Ctx<'_>,
+    app: &RawApp,
+    earlier: &[AppConfig],
+) -> Result<Vec<SocketAddr>, ConfigError> {
+    if app.listen.is_empty() {
+        return Err(ctx.err(
+            app.listen_line.or(app.line),
+            app.listen_key,
+            if app.listen_key == "Ports" {
+                "no listen address: give at least one port"
+            } else {
+                "no listen address: give listen = [\"ip:port\", ...] and/or ports = [...]"
+            },
+        ));
+    }
+    let mut listen: Vec<SocketAddr> = Vec::with_capacity(app.listen.len());
+    for l in &app.listen {
+        let addr = listen_addr(ctx, l)?;
+        if let Some(other) = listen.iter().find(|b| listen_overlap(**b, addr)) {
+            let msg = format!("{addr} is listed twice (overlaps {other})");
+            return Err(ctx.err(l.line, l.key, msg));
+        }
+        if let Some((other, owner)) = listen_conflict(earlier, addr) {
+            let msg = format!("{addr} is already used by app '{owner}' ({other})");
+            return Err(ctx.err(l.line, l.key, msg));
+        }
+        listen.push(addr);
+    }
+    Ok(listen)
+}
+
+/// The app's targets: at least one, each with a valid name, resolved, no address twice.
+fn app_targets(ctx: Ctx<'_>, app: &RawApp) -> Result<Vec<TargetConfig>, ConfigError> {
+    if app.targets.is_empty() {
+        return Err(ctx.err(
+            app.targets_line.or(app.line),
+            app.targets_key,
+            "must not be empty",
+        ));
+    }
+    if let Some(extra) = app.targets.get(MAX_TARGETS) {
+        return Err(ctx.err(
+            extra.line,
+            extra.key,
+            format!("too many targets (at most {MAX_TARGETS})"),
+        ));
+    }
+    let mut targets: Vec<TargetConfig> = Vec::with_capacity(app.targets.len());
+    for t in &app.targets {
+        let name = t.spec.trim();
+        if !is_valid_target_name(name) {
             return Err(ctx.err(
-                name.line,
-                app.name_key,
-                format!("duplicate app name '{}'", name.value),
+                t.line,
+                t.key,
+                format!(
+                    "target '{}' may only contain A-Z a-z 0-9 . _ : [ ] % - (at most {MAX_TARGET_NAME} characters)",
+                    escape_controls(name)
+                ),
             ));
         }
-
-        if app.listen.is_empty() {
-            return Err(ctx.err(
-                app.listen_line.or(app.line),
-                app.listen_key,
-                if app.listen_key == "Ports" {
-                    "no listen address: give at least one port"
-                } else {
-                    "no listen address: give listen = [\"ip:port\", ...] and/or ports = [...]"
-                },
-            ));
-        }
-        let mut listen = Vec::with_capacity(app.listen.len());
-        for l in &app.listen {
-            let addr = listen_addr(ctx, l)?;
-            if let Some((other, owner)) = bound.iter().find(|(b, _)| listen_overlap(*b, addr)) {
-                let msg = if owner == &name.value {
-                    format!("{addr} is listed twice (overlaps {other})")
-                } else {
-                    format!("{addr} is already used by app '{owner}' ({other})")
-                };
-                return Err(ctx.err(l.line, l.key, msg));
-            }
-            bound.push((addr, name.value.clone()));
-            listen.push(addr);
-        }
-
-        if app.targets.is_empty() {
-            return Err(ctx.err(
-                app.targets_line.or(app.line),
-                app.targets_key,
-                "must not be empty",
-            ));
-        }
-        let mut targets: Vec<TargetConfig> = Vec::with_capacity(app.targets.len());
-        let mut lines = Vec::with_capacity(app.targets.len());
-        for t in &app.targets {
-            let addr = target_addr(ctx, t)?;
-            let weight = match &t.weight {
-                Some(w) => u32_in(ctx, "weight", w, 1, i64::from(MAX_WEIGHT))?,
-                None => 1,
-            };
-            if let Some(prev) = targets.iter().find(|p| p.addr == addr) {
-                return Err(ctx.err(
-                    t.line,
-                    t.key,
-                    format!(
-                        "target '{}' is listed twice (same address as '{}'; use weight instead)",
-                        t.spec.trim(),
-                        prev.name
-                    ),
-                ));
-            }
-            if targets.len() >= usize::from(u16::MAX) {
-                return Err(ctx.err(t.line, t.key, "too many targets (at most 65535)"));
-            }
-            targets.push(TargetConfig {
-                name: t.spec.trim().to_string(),
-                addr,
-                weight,
-            });
-            lines.push((t.line, t.key));
-        }
-        target_lines.push(lines);
-
-        let s = defaults.layer(ctx, &app.settings)?;
-        let max_conns = match &app.max_conns {
-            Some(v) => Some(usize_in(ctx, "max_conns", v, 1, MAX_CONNS_LIMIT)?),
-            None => None,
+        let addr = target_addr(ctx, t)?;
+        let weight = match &t.weight {
+            Some(w) => u32_in(ctx, "weight", w, 1, i64::from(MAX_WEIGHT))?,
+            None => 1,
         };
-        cfg.apps.push(AppConfig {
-            name: name.value.clone(),
-            listen,
-            targets,
-            balance: s.balance,
-            max_conns,
-            connect_timeout: s.connect_timeout,
-            idle_timeout: s.idle_timeout,
-            retries: s.retries,
-            health: s.health.resolve(),
-            access_log: s.access_log,
-            splice: s.splice,
+        if let Some(prev) = targets.iter().find(|p| p.addr == addr) {
+            return Err(ctx.err(
+                t.line,
+                t.key,
+                format!(
+                    "target '{name}' is listed twice (same address as '{}'; use weight instead)",
+                    prev.name
+                ),
+            ));
+        }
+        targets.push(TargetConfig {
+            name: name.to_string(),
+            addr,
+            weight,
         });
     }
+    Ok(targets)
+}
 
-    // A target that is one of our own listeners would loop connections back into the proxy.
-    for (app, lines) in cfg.apps.iter().zip(&target_lines) {
-        for (t, (line, key)) in app.targets.iter().zip(lines) {
-            if let Some((l, owner)) = bound.iter().find(|(l, _)| is_own_listener(t.addr, *l)) {
+// ---------------------------------------------------------------------------------------------
+// Cross-app checks.
+
+/// A target that is one of our own listeners (any app's) would loop connections back into the
+/// proxy. `raw` are the apps as written, in the same order as `apps` (for lines and keys).
+fn check_loops(apps: &[AppConfig], raw: &[RawApp]) -> Result<(), ConfigError> {
+    for (app, raw_app) in apps.iter().zip(raw) {
+        for (t, raw_t) in app.targets.iter().zip(&raw_app.targets) {
+            if let Some((l, owner)) = listeners(apps).find(|(l, _)| is_own_listener(t.addr, *l)) {
                 return Err(ConfigError::new(
-                    *line,
+                    raw_t.line,
                     Some(&app.name),
-                    Some(key),
+                    Some(raw_t.key),
                     format!(
                         "target '{}' is this proxy's own listen address {l} (app '{owner}'): it would loop",
                         t.name
@@ -910,22 +777,43 @@ pub fn resolve(raw: RawDoc) -> Result<Config, ConfigError> {
             }
         }
     }
-    if let Some(admin) = cfg.admin
-        && let Some((l, owner)) = bound.iter().find(|(l, _)| listen_overlap(*l, admin))
-    {
-        return Err(ConfigError::new(
-            g.admin_listen.as_ref().and_then(|a| a.line),
+    Ok(())
+}
+
+/// The admin listener must not collide with an app's listener. `line` is where
+/// `[admin] listen` is written.
+fn check_admin(cfg: &Config, line: Option<usize>) -> Result<(), ConfigError> {
+    let Some(admin) = cfg.admin else {
+        return Ok(());
+    };
+    match listen_conflict(&cfg.apps, admin) {
+        Some((l, owner)) => Err(ConfigError::new(
+            line,
             None,
             Some("admin.listen"),
             format!("{admin} overlaps listen address {l} of app '{owner}'"),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(cfg)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Command-line overrides.
 
 /// Apply command-line overrides (they win over everything in the file) and check the values
 /// that came from the command line. Usable for a CLI-only config too.
 pub fn apply_overrides(cfg: &mut Config, ov: &Overrides) -> Result<(), ConfigError> {
+    check_overrides(&cfg.apps, ov)?;
+    override_globals(cfg, ov);
+    for app in &mut cfg.apps {
+        override_app(app, ov);
+    }
+    Ok(())
+}
+
+/// The rules for values that came from the command line (clap checks most of them already;
+/// this holds for embedders too): the same limits as in a file.
+fn check_overrides(apps: &[AppConfig], ov: &Overrides) -> Result<(), ConfigError> {
     let bad = |key: &str, msg: String| {
         Err(ConfigError::new(
             None,
@@ -934,40 +822,69 @@ pub fn apply_overrides(cfg: &mut Config, ov: &Overrides) -> Result<(), ConfigErr
             format!("{msg} (from the command line)"),
         ))
     };
+    let at_least_one = |key: &str, n: Option<usize>| match n {
+        Some(0) => bad(key, "must be at least 1".into()),
+        _ => Ok(()),
+    };
+    if let Some(Workers::Count(n)) = ov.workers
+        && !(1..=MAX_WORKERS).contains(&n)
+    {
+        return bad(
+            "workers",
+            format!("{n} is out of range (1..={MAX_WORKERS})"),
+        );
+    }
+    if let Some(cpu) = ov.cpu_pin.iter().flatten().find(|&&c| c > MAX_CPU) {
+        return bad(
+            "cpu_pin",
+            format!("CPU {cpu} is out of range (0..={MAX_CPU})"),
+        );
+    }
+    at_least_one("max_conns", ov.max_conns)?;
+    if let Some(b) = ov.buffer_size
+        && !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&b)
+    {
+        return bad(
+            "buffer_size",
+            format!("{b} is out of range ({MIN_BUFFER_SIZE}..={MAX_BUFFER_SIZE})"),
+        );
+    }
+    at_least_one("max_events", ov.max_events)?;
+    if ov.backlog.is_some_and(|b| b < 1) {
+        return bad("backlog", "must be at least 1".into());
+    }
+    if let Some(a) = ov.admin
+        && let Some((l, owner)) = listen_conflict(apps, a)
+    {
+        return bad(
+            "admin",
+            format!("{a} overlaps listen address {l} of app '{owner}'"),
+        );
+    }
+    if ov.connect_timeout.is_some_and(|t| t.is_zero()) {
+        return bad("connect_timeout", "must be greater than 0".into());
+    }
+    Ok(())
+}
+
+/// The process-wide overrides (already checked).
+fn override_globals(cfg: &mut Config, ov: &Overrides) {
     if let Some(w) = ov.workers {
-        if w == Workers::Count(0) {
-            return bad("workers", "must be at least 1".into());
-        }
         cfg.workers = w;
     }
     if let Some(c) = &ov.cpu_pin {
         cfg.cpu_pin = c.clone();
     }
     if let Some(m) = ov.max_conns {
-        if m == 0 {
-            return bad("max_conns", "must be at least 1".into());
-        }
         cfg.max_conns = Some(m);
     }
     if let Some(b) = ov.buffer_size {
-        if !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&b) {
-            return bad(
-                "buffer_size",
-                format!("{b} is out of range ({MIN_BUFFER_SIZE}..={MAX_BUFFER_SIZE})"),
-            );
-        }
         cfg.buffer_size = b;
     }
     if let Some(e) = ov.max_events {
-        if e == 0 {
-            return bad("max_events", "must be at least 1".into());
-        }
         cfg.max_events = e;
     }
     if let Some(b) = ov.backlog {
-        if b < 1 {
-            return bad("backlog", "must be at least 1".into());
-        }
         cfg.backlog = b;
     }
     if let Some(g) = ov.grace {
@@ -982,39 +899,29 @@ pub fn apply_overrides(cfg: &mut Config, ov: &Overrides) -> Result<(), ConfigErr
     if let Some(a) = ov.admin {
         cfg.admin = Some(a);
     }
-    if ov.connect_timeout.is_some_and(|t| t.is_zero()) {
-        return bad("connect_timeout", "must be greater than 0".into());
-    }
-    for app in &mut cfg.apps {
-        if let Some(t) = ov.connect_timeout {
-            app.connect_timeout = t;
-        }
-        if let Some(i) = ov.idle_timeout {
-            app.idle_timeout = i.filter(|d| !d.is_zero());
-        }
-        if let Some(a) = ov.access_log {
-            app.access_log = a;
-        }
-        if let Some(s) = ov.splice {
-            app.splice = s;
-        }
-    }
-    Ok(())
 }
 
-/// 1-based line number of byte `offset` in `text`.
-pub fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+/// The per-app overrides (already checked), for every app alike.
+fn override_app(app: &mut AppConfig, ov: &Overrides) {
+    if let Some(t) = ov.connect_timeout {
+        app.connect_timeout = t;
+    }
+    if let Some(i) = ov.idle_timeout {
+        app.idle_timeout = i.filter(|d| !d.is_zero());
+    }
+    if let Some(a) = ov.access_log {
+        app.access_log = a;
+    }
+    if let Some(s) = ov.splice {
+        app.splice = s;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{DEFAULT_CONNECT_TIMEOUT, load_file, load_str};
+    use std::path::Path;
 
     const APP: &str = "[[app]]\nname = \"a\"\nports = [9000]\ntargets = [\"127.0.0.1:9001\"]\n";
 
@@ -1222,5 +1129,97 @@ mod tests {
                 .starts_with("/nonexistent/cfg.toml: cannot read"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn app_names_must_be_label_safe() {
+        let named = |name: &str| {
+            load_str(
+                &format!("[[app]]\nname = {name}\nports = [0]\ntargets = [\"127.0.0.1:1\"]\n"),
+                "cfg.toml",
+                &Overrides::default(),
+            )
+            .map(|c| c.apps[0].name.clone())
+            .map_err(|e| e.to_string())
+        };
+        let long = "x".repeat(MAX_APP_NAME);
+        for good in [
+            "web",
+            "five-thousand",
+            "port-17001",
+            "a.b_c-D9",
+            long.as_str(),
+        ] {
+            assert_eq!(named(&format!("\"{good}\"")).as_deref(), Ok(good));
+        }
+        let e = named("\"a\\nb\"").expect_err("newline");
+        assert_eq!(
+            e,
+            "cfg.toml:2: key 'name': app name 'a\\nb' may only contain A-Z a-z 0-9 . _ - (1-64 characters)"
+        );
+        let too_long = format!("\"{long}x\"");
+        for bad in [
+            "\"a b\"",
+            "\" web\"",
+            "\"<b>\"",
+            "\"é\"",
+            "\"a\\u0007\"",
+            "\"a/b\"",
+            too_long.as_str(),
+        ] {
+            let e = named(bad).expect_err(bad);
+            assert!(
+                e.starts_with("cfg.toml:2: key 'name': app name '"),
+                "{bad}: {e}"
+            );
+            assert!(!e.contains('\n') && !e.contains('\u{7}'), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn target_names_must_be_label_safe() {
+        let t = |target: &str| {
+            load_str(
+                &format!("[[app]]\nname = \"a\"\nports = [0]\ntargets = [{target}]\n"),
+                "cfg.toml",
+                &Overrides::default(),
+            )
+            .map(|c| c.apps[0].targets[0].name.clone())
+            .map_err(|e| e.to_string())
+        };
+        for good in [
+            "127.0.0.1:8081",
+            "[::1]:80",
+            "localhost:80",
+            "[fe80::1%1]:80",
+        ] {
+            assert_eq!(t(&format!("\"{good}\"")).as_deref(), Ok(good), "{good}");
+        }
+        let e = t("\"local\\nhost:80\"").expect_err("newline");
+        assert!(
+            e.starts_with(
+                "cfg.toml:4: app 'a': key 'targets': target 'local\\nhost:80' may only contain"
+            ),
+            "{e}"
+        );
+        let long = format!("\"{}.example:80\"", "a".repeat(MAX_TARGET_NAME));
+        for bad in ["\"<b>:80\"", "\"a b:80\"", "\"h\\\"x:80\"", long.as_str()] {
+            let e = t(bad).expect_err(bad);
+            assert!(
+                e.starts_with("cfg.toml:4: app 'a': key 'targets': target '"),
+                "{bad}: {e}"
+            );
+            assert!(e.contains("may only contain"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn name_predicates() {
+        assert!(is_valid_app_name("default"));
+        assert!(!is_valid_app_name(""));
+        assert!(!is_valid_app_name("a\nb"));
+        assert!(is_valid_target_name("db1.internal:5432"));
+        assert!(!is_valid_target_name("a\nb:1"));
+        assert!(!is_valid_target_name(&"a".repeat(MAX_TARGET_NAME + 1)));
     }
 }
