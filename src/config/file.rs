@@ -1,6 +1,6 @@
 //! The native TOML format: a serde mirror of the file (every field `Spanned`, so that each
 //! later error can name its line) and its conversion into the format-neutral
-//! [`RawDoc`](super::raw::RawDoc). Unknown keys and wrong types are errors here, with the
+//! [`RawDoc`]. Unknown keys and wrong types are errors here, with the
 //! line, app and key recovered from the parser's byte span. This module never resolves host
 //! names, applies defaults or validates values: `resolve.rs` does.
 

@@ -173,7 +173,7 @@ impl Default for Workers {
 /// One upstream target of an app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetConfig {
-    /// As the operator wrote it ("db1:5432", "[::1]:80"); used as the metrics label.
+    /// As the operator wrote it (`db1:5432`, `[::1]:80`); used as the metrics label.
     pub name: String,
     /// Resolved at load time.
     pub addr: SocketAddr,
