@@ -27,6 +27,8 @@ pub struct AccessRecord {
     pub bytes_to_upstream: u64,
     pub bytes_to_client: u64,
     pub reason: CloseReason,
+    /// The TLS server name the client asked for (SNI-routed apps), and its length.
+    pub server_name: ([u8; 255], u8),
 }
 
 /// Start the writer thread. It ends once every sender is dropped and the queue is drained.
@@ -44,7 +46,8 @@ pub fn spawn() -> Result<(SyncSender<AccessRecord>, JoinHandle<()>), Error> {
 }
 
 /// One access-log line:
-/// `CLIENT [START] APP TARGET CONNECT_MS/DURATION_MS BYTES_UP BYTES_DOWN REASON`
+/// `CLIENT [START] APP TARGET CONNECT_MS/DURATION_MS BYTES_UP BYTES_DOWN REASON`, and for
+/// apps with SNI routes one more field, ` SERVER_NAME` (`-` when the client sent none).
 pub fn line(r: &AccessRecord) -> String {
     let start = SystemTime::now()
         .checked_sub(r.duration)
@@ -53,8 +56,14 @@ pub fn line(r: &AccessRecord) -> String {
         .target
         .and_then(|t| r.app.targets.get(t))
         .map_or("-", |t| t.cfg.name.as_str());
+    let name = &r.server_name.0[..r.server_name.1 as usize];
+    let name = match std::str::from_utf8(name) {
+        Ok(n) if !n.is_empty() => n,
+        _ => "-",
+    };
+    let sni = if r.app.routes_by_sni() { " " } else { "" };
     format!(
-        "{} [{}] {} {} {}/{} {} {} {}",
+        "{} [{}] {} {} {}/{} {} {} {}{sni}{}",
         r.client,
         rfc3339(start),
         r.app.cfg.name,
@@ -63,7 +72,8 @@ pub fn line(r: &AccessRecord) -> String {
         r.duration.as_millis(),
         r.bytes_to_upstream,
         r.bytes_to_client,
-        r.reason.as_str()
+        r.reason.as_str(),
+        if r.app.routes_by_sni() { name } else { "" },
     )
 }
 

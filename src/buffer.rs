@@ -30,6 +30,11 @@ impl BufPool {
         Ok(BufPool { arena, size, free })
     }
 
+    /// Bytes per buffer.
+    pub fn buffer_size(&self) -> usize {
+        self.size
+    }
+
     /// Slots currently handed out.
     pub fn in_use(&self) -> usize {
         self.arena.len() / self.size.max(1) - self.free.len()
@@ -118,6 +123,55 @@ impl Buffer {
         debug_assert!(self.start <= self.end);
     }
 
+    /// Space after the unflushed bytes, taking a slot if needed: used while a pair peeks at
+    /// its client's first bytes (PROXY header, TLS ClientHello), which accumulate. `None` when
+    /// the pool is exhausted; empty when the buffer is full.
+    pub fn tail_space<'a>(&mut self, pool: &'a mut BufPool) -> Option<&'a mut [u8]> {
+        let slot = match self.slot {
+            Some(s) => s,
+            None => {
+                let s = pool.take()?;
+                self.slot = Some(s);
+                s
+            }
+        };
+        let end = self.end as usize;
+        Some(&mut pool.slot(slot)[end..])
+    }
+
+    /// Record `n` bytes read into the space returned by `tail_space`.
+    pub fn appended(&mut self, n: usize) {
+        self.end += n as u32;
+    }
+
+    /// Put `bytes` in front of the unflushed bytes (moving them if the room is behind them).
+    /// `false` (nothing changed) when they do not fit or the pool is exhausted.
+    pub fn prepend(&mut self, pool: &mut BufPool, bytes: &[u8]) -> bool {
+        let size = pool.size;
+        if self.pending() + bytes.len() > size {
+            return false;
+        }
+        if self.tail_space(pool).is_none() {
+            return false;
+        }
+        let Some(slot) = self.slot else {
+            return false;
+        };
+        let (start, end, n) = (self.start as usize, self.end as usize, bytes.len());
+        let buf = pool.slot(slot);
+        let new_start = if start >= n {
+            start - n
+        } else {
+            // Shift the data right so the header fits in front of it.
+            buf.copy_within(start..end, n);
+            self.end = (end - start + n) as u32;
+            0
+        };
+        buf[new_start..new_start + n].copy_from_slice(bytes);
+        self.start = new_start as u32;
+        true
+    }
+
     /// Give the slot back if the buffer is empty (or unconditionally with `force`, dropping
     /// unflushed bytes: used when the pair closes).
     #[inline]
@@ -134,6 +188,26 @@ impl Buffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peeked_bytes_accumulate_and_a_header_goes_in_front() {
+        let mut pool = BufPool::new(1, 16).expect("pool");
+        let mut b = Buffer::default();
+        let space = b.tail_space(&mut pool).expect("slot");
+        space[..3].copy_from_slice(b"abc");
+        b.appended(3);
+        let space = b.tail_space(&mut pool).expect("slot");
+        space[..2].copy_from_slice(b"de");
+        b.appended(2);
+        assert_eq!(b.data(&mut pool), b"abcde");
+        b.consumed(2); // a PROXY header of 2 bytes read from the client
+        assert!(b.prepend(&mut pool, b"H"), "room behind the data");
+        assert_eq!(b.data(&mut pool), b"Hcde");
+        assert!(b.prepend(&mut pool, b"1234"), "moves the data right");
+        assert_eq!(b.data(&mut pool), b"1234Hcde");
+        assert!(!b.prepend(&mut pool, b"123456789"), "does not fit");
+        assert_eq!(b.data(&mut pool), b"1234Hcde");
+    }
 
     #[test]
     fn slots_are_lifo_and_bounded() {

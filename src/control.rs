@@ -286,10 +286,15 @@ fn log_listeners(cfg: &Config, bound: &[Bound], only: Option<&[ListenKey]>) {
     }
 }
 
-fn build_apps(cfg: &Config, nworkers: usize, retained: &Retained) -> Vec<Arc<AppRuntime>> {
+fn build_apps(
+    cfg: &Config,
+    nworkers: usize,
+    max_conns: usize,
+    retained: &Retained,
+) -> Vec<Arc<AppRuntime>> {
     cfg.apps
         .iter()
-        .map(|a| Arc::new(AppRuntime::new(a.clone(), nworkers, retained)))
+        .map(|a| Arc::new(AppRuntime::new(a.clone(), nworkers, max_conns, retained)))
         .collect()
 }
 
@@ -335,7 +340,7 @@ impl Proxy {
             }
         }
 
-        let apps = build_apps(&config, nworkers, &Retained::default());
+        let apps = build_apps(&config, nworkers, max_conns, &Retained::default());
         // Bind everything first: one socket per listen address per worker.
         let (bound, per_worker) = bind_new(&keys, &[], config.backlog, nworkers)?;
 
@@ -480,7 +485,8 @@ impl Proxy {
         if self.view.draining.load(Ordering::Relaxed) {
             return Err(Error::runtime("shutting down; reload ignored"));
         }
-        let apps = build_apps(&new, self.nworkers, &Retained::from_apps(&self.view.apps()));
+        let retained = Retained::from_apps(&self.view.apps());
+        let apps = build_apps(&new, self.nworkers, self.view.max_conns, &retained);
         // Listeners: keep those whose configured identity stays; bind the new ones now.
         let keys = listen_keys(&new);
         let (bound, per_worker) = bind_new(&keys, &self.bound, new.backlog, self.nworkers)?;

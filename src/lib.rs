@@ -21,6 +21,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod access_log;
+pub mod acl;
 pub mod admin;
 pub mod backend;
 pub mod balance;
@@ -32,6 +33,9 @@ pub mod error;
 pub mod health;
 pub mod net;
 pub mod outcome;
+pub mod proxy_proto;
+pub mod sni;
+pub mod source_limit;
 pub mod stats;
 pub mod sys;
 pub mod worker;

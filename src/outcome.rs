@@ -46,10 +46,18 @@ pub enum CloseReason {
     Shutdown,
     /// An impossible state was reached; logged and counted.
     Internal,
+    /// `accept_proxy`: the client's PROXY header was malformed, missing or late.
+    ProxyHeader,
+    /// The client's address is denied (or not allowed) by the app's ACL.
+    AclDenied,
+    /// The client's address already has `max_conns_per_source` live pairs.
+    SourceLimit,
+    /// `sni_required`: the client's first bytes were not a TLS ClientHello with a server name.
+    SniRequired,
 }
 
 impl CloseReason {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 13;
     pub const ALL: [CloseReason; CloseReason::COUNT] = [
         CloseReason::Done,
         CloseReason::ClientReset,
@@ -60,6 +68,10 @@ impl CloseReason {
         CloseReason::IdleTimeout,
         CloseReason::Shutdown,
         CloseReason::Internal,
+        CloseReason::ProxyHeader,
+        CloseReason::AclDenied,
+        CloseReason::SourceLimit,
+        CloseReason::SniRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,13 +85,22 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Internal => "internal",
+            CloseReason::ProxyHeader => "proxy_header",
+            CloseReason::AclDenied => "acl_denied",
+            CloseReason::SourceLimit => "source_limit",
+            CloseReason::SniRequired => "sni_required",
         }
     }
 
     /// The side that caused the close, if one did.
     pub fn side(self) -> Option<Side> {
         match self {
-            CloseReason::ClientReset | CloseReason::ClientError => Some(Side::Client),
+            CloseReason::ClientReset
+            | CloseReason::ClientError
+            | CloseReason::ProxyHeader
+            | CloseReason::AclDenied
+            | CloseReason::SourceLimit
+            | CloseReason::SniRequired => Some(Side::Client),
             CloseReason::UpstreamReset | CloseReason::UpstreamError | CloseReason::NoBackend => {
                 Some(Side::Upstream)
             }
@@ -92,11 +113,21 @@ impl CloseReason {
 
     /// The side whose socket is closed with a reset (SO_LINGER 0) rather than a FIN: the peer
     /// of a side that reset or failed, so a truncated stream never looks complete to it.
-    /// `NoBackend` aborts nothing (the upstream never carried bytes; the client gets a FIN).
+    /// Refusals (`NoBackend`, `ProxyHeader`, `AclDenied`, ...) abort nothing: no upstream
+    /// carried bytes, and the client gets a plain close.
     pub fn aborts(self) -> Option<Side> {
         match self {
-            CloseReason::NoBackend => None,
-            other => other.side().map(Side::other),
+            CloseReason::ClientReset | CloseReason::ClientError => Some(Side::Upstream),
+            CloseReason::UpstreamReset | CloseReason::UpstreamError => Some(Side::Client),
+            CloseReason::Done
+            | CloseReason::NoBackend
+            | CloseReason::IdleTimeout
+            | CloseReason::Shutdown
+            | CloseReason::Internal
+            | CloseReason::ProxyHeader
+            | CloseReason::AclDenied
+            | CloseReason::SourceLimit
+            | CloseReason::SniRequired => None,
         }
     }
 
@@ -214,6 +245,10 @@ mod tests {
             CloseReason::IdleTimeout,
             CloseReason::Shutdown,
             CloseReason::Internal,
+            CloseReason::ProxyHeader,
+            CloseReason::AclDenied,
+            CloseReason::SourceLimit,
+            CloseReason::SniRequired,
         ] {
             assert_eq!(r.aborts(), None, "{r:?}");
         }

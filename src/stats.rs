@@ -271,6 +271,8 @@ pub struct ConnInfo {
     pub age: Duration,
     pub bytes_to_upstream: u64,
     pub bytes_to_client: u64,
+    /// The TLS server name the client asked for (SNI-routed apps).
+    pub server_name: Option<String>,
 }
 
 /// Totals over all workers: the shutdown summary and the periodic line.

@@ -407,6 +407,7 @@ pub fn connections(view: &ProxyView) -> Value {
                     "age_seconds": c.age.as_secs_f64(),
                     "bytes_upstream": c.bytes_to_upstream,
                     "bytes_downstream": c.bytes_to_client,
+                    "server_name": c.server_name,
                     "worker": c.worker,
                 })
             })

@@ -12,8 +12,8 @@ use toml::Spanned;
 
 use super::error::ConfigError;
 use super::raw::{
-    At, RawApp, RawAppSettings, RawDoc, RawGlobals, RawHealth, RawListen, RawListenAt, RawTarget,
-    RawWorkers, line_of,
+    At, RawApp, RawAppSettings, RawDoc, RawGlobals, RawHealth, RawListen, RawListenAt, RawRoute,
+    RawTarget, RawWorkers, line_of,
 };
 
 /// The whole file.
@@ -48,6 +48,13 @@ pub struct Defaults {
     pub access_log: Option<Spanned<bool>>,
     pub splice: Option<Spanned<bool>>,
     pub health: Option<HealthFile>,
+    pub send_proxy: Option<Spanned<String>>,
+    pub accept_proxy: Option<Spanned<bool>>,
+    pub proxy_header_timeout: Option<Spanned<DurationText>>,
+    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub deny: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_conns_per_source: Option<Spanned<i64>>,
+    pub sni_required: Option<Spanned<bool>>,
 }
 
 /// `[admin]`.
@@ -73,6 +80,24 @@ pub struct AppFile {
     pub access_log: Option<Spanned<bool>>,
     pub splice: Option<Spanned<bool>>,
     pub health: Option<HealthFile>,
+    pub send_proxy: Option<Spanned<String>>,
+    pub accept_proxy: Option<Spanned<bool>>,
+    pub proxy_header_timeout: Option<Spanned<DurationText>>,
+    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub deny: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_conns_per_source: Option<Spanned<i64>>,
+    pub sni_required: Option<Spanned<bool>>,
+    /// SNI routes: `routes = [{ sni = [...], targets = [...], balance = "..." }]`.
+    pub routes: Option<Vec<Spanned<RouteFile>>>,
+}
+
+/// One SNI route of an app.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub sni: Spanned<Vec<Spanned<String>>>,
+    pub targets: Spanned<Vec<Spanned<TargetFile>>>,
+    pub balance: Option<Spanned<String>>,
 }
 
 /// `[app.health]` / `[defaults.health]`. Active checks run when `interval` is set.
@@ -182,6 +207,36 @@ fn at_dur(text: &str, s: &Spanned<DurationText>) -> At<String> {
     At::new(s.get_ref().0.clone(), Some(line_of(text, s.span().start)))
 }
 
+fn at_list(text: &str, s: &Spanned<Vec<Spanned<String>>>) -> At<Vec<At<String>>> {
+    At::new(
+        s.get_ref().iter().map(|x| at(text, x)).collect(),
+        Some(line_of(text, s.span().start)),
+    )
+}
+
+/// Targets as written under `key`.
+fn raw_targets(text: &str, list: &[Spanned<TargetFile>], key: &'static str) -> Vec<RawTarget> {
+    list.iter()
+        .map(|s| {
+            let line = Some(line_of(text, s.span().start));
+            match s.get_ref() {
+                TargetFile::Addr(spec) => RawTarget {
+                    spec: spec.clone(),
+                    weight: None,
+                    key,
+                    line,
+                },
+                TargetFile::Weighted { addr, weight } => RawTarget {
+                    spec: addr.clone(),
+                    weight: weight.map(|w| At::new(w, line)),
+                    key,
+                    line,
+                },
+            }
+        })
+        .collect()
+}
+
 fn health(text: &str, h: &HealthFile) -> RawHealth {
     RawHealth {
         interval: h.interval.as_ref().map(|v| at_dur(text, v)),
@@ -205,6 +260,13 @@ macro_rules! app_settings {
             access_log: s.access_log.as_ref().map(|v| at(text, v)),
             splice: s.splice.as_ref().map(|v| at(text, v)),
             health: s.health.as_ref().map(|h| health(text, h)),
+            send_proxy: s.send_proxy.as_ref().map(|v| at(text, v)),
+            accept_proxy: s.accept_proxy.as_ref().map(|v| at(text, v)),
+            proxy_header_timeout: s.proxy_header_timeout.as_ref().map(|v| at_dur(text, v)),
+            allow: s.allow.as_ref().map(|v| at_list(text, v)),
+            deny: s.deny.as_ref().map(|v| at_list(text, v)),
+            max_conns_per_source: s.max_conns_per_source.as_ref().map(|v| at(text, v)),
+            sni_required: s.sni_required.as_ref().map(|v| at(text, v)),
         }
     }};
 }
@@ -273,29 +335,25 @@ fn to_raw(text: &str, file: &FileConfig) -> RawDoc {
         let targets = a
             .targets
             .as_ref()
-            .map(|t| {
-                t.get_ref()
-                    .iter()
-                    .map(|s| {
-                        let line = Some(line_of(text, s.span().start));
-                        match s.get_ref() {
-                            TargetFile::Addr(spec) => RawTarget {
-                                spec: spec.clone(),
-                                weight: None,
-                                key: "targets",
-                                line,
-                            },
-                            TargetFile::Weighted { addr, weight } => RawTarget {
-                                spec: addr.clone(),
-                                weight: weight.map(|w| At::new(w, line)),
-                                key: "targets",
-                                line,
-                            },
-                        }
-                    })
-                    .collect()
-            })
+            .map(|t| raw_targets(text, t.get_ref(), "targets"))
             .unwrap_or_default();
+        let routes = a
+            .routes
+            .iter()
+            .flatten()
+            .map(|r| RawRoute {
+                line: Some(line_of(text, r.span().start)),
+                sni: r
+                    .get_ref()
+                    .sni
+                    .get_ref()
+                    .iter()
+                    .map(|n| at(text, n))
+                    .collect(),
+                targets: raw_targets(text, r.get_ref().targets.get_ref(), "routes.targets"),
+                balance: r.get_ref().balance.as_ref().map(|b| at(text, b)),
+            })
+            .collect();
         let app_line = Some(line_of(text, sp.span().start));
         doc.apps.push(RawApp {
             line: app_line,
@@ -317,6 +375,7 @@ fn to_raw(text: &str, file: &FileConfig) -> RawDoc {
             targets,
             max_conns: a.max_conns.as_ref().map(|v| at(text, v)),
             settings: app_settings!(text, a),
+            routes,
         });
     }
     doc

@@ -24,6 +24,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::acl::Cidr;
+
 pub use args::AppArgs;
 pub use error::ConfigError;
 pub use raw::RawDoc;
@@ -233,6 +235,49 @@ pub struct AppConfig {
     pub health: HealthConfig,
     pub access_log: bool,
     pub splice: bool,
+    /// Write a PROXY protocol header toward the target before any client byte.
+    pub send_proxy: Option<ProxyVersion>,
+    /// Read a PROXY protocol (v1 or v2) header from the client before choosing a target.
+    pub accept_proxy: bool,
+    /// How long a client may take to send its PROXY header (and, with `routes`, its TLS
+    /// ClientHello).
+    pub proxy_header_timeout: Duration,
+    /// Sources allowed (empty = all); `deny` wins over it.
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+    /// Concurrent pairs per client IP, over all workers; `None` = no limit.
+    pub max_conns_per_source: Option<usize>,
+    /// SNI routes, tried before the default route (`targets`, `balance`).
+    pub routes: Vec<RouteConfig>,
+    /// With `routes`: close clients whose first bytes are not a TLS ClientHello with SNI,
+    /// instead of sending them to the default route.
+    pub sni_required: bool,
+}
+
+/// PROXY protocol version written toward targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+impl ProxyVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyVersion::V1 => "v1",
+            ProxyVersion::V2 => "v2",
+        }
+    }
+}
+
+/// One SNI route: passed-through TLS whose server name matches `sni` goes to `targets`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Lower-case names, exact (`api.example.com`) or wildcard (`*.example.com`); never empty.
+    pub sni: Vec<String>,
+    /// Never empty.
+    pub targets: Vec<TargetConfig>,
+    pub balance: Balance,
 }
 
 /// The whole process configuration.
@@ -263,6 +308,7 @@ pub const DEFAULT_BACKLOG: i32 = 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Default for Config {
     fn default() -> Self {
@@ -298,7 +344,30 @@ impl AppConfig {
             health: HealthConfig::default(),
             access_log: false,
             splice: false,
+            send_proxy: None,
+            accept_proxy: false,
+            proxy_header_timeout: DEFAULT_PROXY_HEADER_TIMEOUT,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_conns_per_source: None,
+            routes: Vec::new(),
+            sni_required: false,
         }
+    }
+
+    /// Every target of the app, default route first, each name once.
+    pub fn all_targets(&self) -> impl Iterator<Item = &TargetConfig> {
+        let mut seen: Vec<&str> = Vec::new();
+        self.targets
+            .iter()
+            .chain(self.routes.iter().flat_map(|r| r.targets.iter()))
+            .filter(move |t| {
+                let new = !seen.contains(&t.name.as_str());
+                if new {
+                    seen.push(&t.name);
+                }
+                new
+            })
     }
 }
 

@@ -70,6 +70,25 @@ pub struct RawAppSettings {
     pub access_log: Option<At<bool>>,
     pub splice: Option<At<bool>>,
     pub health: Option<RawHealth>,
+    /// `"v1"` or `"v2"`.
+    pub send_proxy: Option<At<String>>,
+    pub accept_proxy: Option<At<bool>>,
+    pub proxy_header_timeout: Option<At<String>>,
+    /// CIDRs as written.
+    pub allow: Option<At<Vec<At<String>>>>,
+    pub deny: Option<At<Vec<At<String>>>>,
+    pub max_conns_per_source: Option<At<i64>>,
+    pub sni_required: Option<At<bool>>,
+}
+
+/// One SNI route as written: server-name patterns, its own targets, an optional policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawRoute {
+    /// Line where the route starts.
+    pub line: Option<usize>,
+    pub sni: Vec<At<String>>,
+    pub targets: Vec<RawTarget>,
+    pub balance: Option<At<String>>,
 }
 
 /// One app as written.
@@ -90,6 +109,8 @@ pub struct RawApp {
     pub targets: Vec<RawTarget>,
     pub max_conns: Option<At<i64>>,
     pub settings: RawAppSettings,
+    /// SNI routes (TOML only), in order.
+    pub routes: Vec<RawRoute>,
 }
 
 /// Process-wide settings (`[defaults]` minus the per-app ones, and `[admin]`).

@@ -35,7 +35,10 @@ use super::raw::{
     At, RawApp, RawAppSettings, RawDoc, RawGlobals, RawHealth, RawListen, RawListenAt, RawTarget,
     RawWorkers,
 };
-use super::{ActiveHealth, AppConfig, Balance, Config, HealthConfig, TargetConfig, Workers};
+use super::{
+    ActiveHealth, AppConfig, Balance, Cidr, Config, HealthConfig, ProxyVersion, RouteConfig,
+    TargetConfig, Workers,
+};
 
 /// Good probes in a row that bring a down target back, when `[health]` does not say.
 pub const DEFAULT_RISE: u32 = 2;
@@ -217,6 +220,32 @@ fn balance(ctx: Ctx<'_>, v: &At<String>) -> Result<Balance, ConfigError> {
     })
 }
 
+fn proxy_version(ctx: Ctx<'_>, v: &At<String>) -> Result<ProxyVersion, ConfigError> {
+    match v.value.trim().to_ascii_lowercase().as_str() {
+        "v1" | "1" => Ok(ProxyVersion::V1),
+        "v2" | "2" => Ok(ProxyVersion::V2),
+        _ => Err(ctx.err(
+            v.line,
+            "send_proxy",
+            format!(
+                "'{}' is not a PROXY protocol version (use \"v1\" or \"v2\")",
+                escape_controls(&v.value)
+            ),
+        )),
+    }
+}
+
+/// A list of CIDRs (`10.0.0.0/8`, `::1/128`, or a bare address); each error names its line.
+fn cidrs(ctx: Ctx<'_>, key: &str, v: &At<Vec<At<String>>>) -> Result<Vec<Cidr>, ConfigError> {
+    v.value
+        .iter()
+        .map(|c| {
+            Cidr::parse(c.value.trim())
+                .map_err(|m| ctx.err(c.line.or(v.line), key, escape_controls(&m)))
+        })
+        .collect()
+}
+
 /// Store `f(value)` in `slot` when the value was written.
 fn set<T, U>(
     slot: &mut U,
@@ -283,6 +312,23 @@ impl Settings {
         })?;
         set(&mut a.access_log, &raw.access_log, |v| Ok(v.value))?;
         set(&mut a.splice, &raw.splice, |v| Ok(v.value))?;
+        set(&mut a.send_proxy, &raw.send_proxy, |v| {
+            proxy_version(ctx, v).map(Some)
+        })?;
+        set(&mut a.accept_proxy, &raw.accept_proxy, |v| Ok(v.value))?;
+        set(
+            &mut a.proxy_header_timeout,
+            &raw.proxy_header_timeout,
+            |v| dur_positive(ctx, "proxy_header_timeout", v),
+        )?;
+        set(&mut a.allow, &raw.allow, |v| cidrs(ctx, "allow", v))?;
+        set(&mut a.deny, &raw.deny, |v| cidrs(ctx, "deny", v))?;
+        set(
+            &mut a.max_conns_per_source,
+            &raw.max_conns_per_source,
+            |v| usize_in(ctx, "max_conns_per_source", v, 1, MAX_CONNS_LIMIT).map(Some),
+        )?;
+        set(&mut a.sni_required, &raw.sni_required, |v| Ok(v.value))?;
         if let Some(h) = &raw.health {
             s.health.layer(ctx, h)?;
         }
@@ -666,7 +712,91 @@ fn resolve_app(
         None => None,
     };
     let settings = defaults.layer(ctx, &app.settings)?;
-    Ok(settings.into_app(name, listen, targets, max_conns))
+    let mut cfg = settings.into_app(name, listen, targets, max_conns);
+    cfg.routes = app_routes(ctx, app, cfg.balance)?;
+    if cfg.sni_required && cfg.routes.is_empty() {
+        let line = app.settings.sni_required.as_ref().and_then(|v| v.line);
+        return Err(ctx.err(
+            line,
+            "sni_required",
+            "needs routes (SNI routing is off without them)",
+        ));
+    }
+    let all = cfg.all_targets().count();
+    if all > MAX_TARGETS {
+        return Err(ctx.err(
+            app.line,
+            "routes",
+            format!("too many targets (at most {MAX_TARGETS})"),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// The app's SNI routes: each with at least one valid pattern (no pattern twice in the app)
+/// and at least one target; `balance` is the app's unless the route says.
+fn app_routes(
+    ctx: Ctx<'_>,
+    app: &RawApp,
+    app_balance: Balance,
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut routes: Vec<RouteConfig> = Vec::with_capacity(app.routes.len());
+    for r in &app.routes {
+        if r.sni.is_empty() {
+            return Err(ctx.err(r.line, "routes.sni", "must not be empty"));
+        }
+        let mut sni = Vec::with_capacity(r.sni.len());
+        for p in &r.sni {
+            let pat = sni_pattern(&p.value).ok_or_else(|| {
+                ctx.err(
+                    p.line,
+                    "routes.sni",
+                    format!(
+                        "'{}' is not a server name or a wildcard such as \"*.example.com\"",
+                        escape_controls(&p.value)
+                    ),
+                )
+            })?;
+            let seen = routes.iter().flat_map(|o| o.sni.iter()).chain(sni.iter());
+            if seen.clone().any(|o| *o == pat) {
+                return Err(ctx.err(p.line, "routes.sni", format!("'{pat}' is routed twice")));
+            }
+            sni.push(pat);
+        }
+        if r.targets.is_empty() {
+            return Err(ctx.err(r.line, "routes.targets", "must not be empty"));
+        }
+        let targets = target_list(ctx, &r.targets)?;
+        let balance = match &r.balance {
+            Some(b) => balance(ctx, b)?,
+            None => app_balance,
+        };
+        routes.push(RouteConfig {
+            sni,
+            targets,
+            balance,
+        });
+    }
+    Ok(routes)
+}
+
+/// A route pattern lower-cased without a trailing dot: a host name, or `*.` and a host name
+/// with at least two labels. `None` if invalid.
+fn sni_pattern(s: &str) -> Option<String> {
+    let p = s.trim().trim_end_matches('.').to_ascii_lowercase();
+    let host = p.strip_prefix("*.").unwrap_or(&p);
+    let labels_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    let wildcard_ok = !p.starts_with("*.") || host.contains('.');
+    (labels_ok && wildcard_ok).then_some(p)
 }
 
 /// The app's listen addresses: at least one, none colliding with another (this app's or an
@@ -712,15 +842,20 @@ fn app_targets(ctx: Ctx<'_>, app: &RawApp) -> Result<Vec<TargetConfig>, ConfigEr
             "must not be empty",
         ));
     }
-    if let Some(extra) = app.targets.get(MAX_TARGETS) {
+    target_list(ctx, &app.targets)
+}
+
+/// A non-empty list of targets: each with a valid name, resolved, no address twice.
+fn target_list(ctx: Ctx<'_>, list: &[RawTarget]) -> Result<Vec<TargetConfig>, ConfigError> {
+    if let Some(extra) = list.get(MAX_TARGETS) {
         return Err(ctx.err(
             extra.line,
             extra.key,
             format!("too many targets (at most {MAX_TARGETS})"),
         ));
     }
-    let mut targets: Vec<TargetConfig> = Vec::with_capacity(app.targets.len());
-    for t in &app.targets {
+    let mut targets: Vec<TargetConfig> = Vec::with_capacity(list.len());
+    for t in list {
         let name = t.spec.trim();
         if !is_valid_target_name(name) {
             return Err(ctx.err(
@@ -763,7 +898,10 @@ fn app_targets(ctx: Ctx<'_>, app: &RawApp) -> Result<Vec<TargetConfig>, ConfigEr
 /// proxy. `raw` are the apps as written, in the same order as `apps` (for lines and keys).
 fn check_loops(apps: &[AppConfig], raw: &[RawApp]) -> Result<(), ConfigError> {
     for (app, raw_app) in apps.iter().zip(raw) {
-        for (t, raw_t) in app.targets.iter().zip(&raw_app.targets) {
+        let route_targets = app.routes.iter().flat_map(|r| r.targets.iter());
+        let raw_route_targets = raw_app.routes.iter().flat_map(|r| r.targets.iter());
+        let all = app.targets.iter().chain(route_targets);
+        for (t, raw_t) in all.zip(raw_app.targets.iter().chain(raw_route_targets)) {
             if let Some((l, owner)) = listeners(apps).find(|(l, _)| is_own_listener(t.addr, *l)) {
                 return Err(ConfigError::new(
                     raw_t.line,

@@ -8,7 +8,7 @@
 
 use std::io;
 
-use super::pair::Pair;
+use super::pair::{Pair, PairState};
 use super::token;
 use super::{EMFILE_BACKOFF, Worker};
 use crate::backend::resume_mark;
@@ -138,11 +138,17 @@ impl Worker {
         self.rec.record_accept(&app_rt.counters);
         let entry = self.pairs.vacant_entry();
         let idx = entry.key();
+        let preface = Worker::needs_preface(&app_rt);
+        let deadline = self.now + app_rt.cfg.proxy_header_timeout;
         let splice = app_rt.cfg.splice;
-        let mut pair = Pair::new(sock, addr, app_rt, self.now);
+        let mut pair = Pair::new(sock, addr, app_rt, app, self.now);
         pair.splice = splice;
+        if preface {
+            pair.state = PairState::Preface;
+            pair.deadline = deadline;
+        }
         entry.insert(pair);
-        self.connecting += 1;
+        self.setting_up += 1;
         self.rec.set_active(self.pairs.len());
         let registry = self.poll.registry();
         let pair = &mut self.pairs[idx];
@@ -152,8 +158,11 @@ impl Worker {
             token::pair(idx, Side::Client),
             mio::Interest::READABLE,
         );
-        self.choose_candidates(idx, app);
-        self.start_connect(idx);
+        if !preface {
+            // Registering a socket with bytes queued raises an event, so a preface waits for
+            // it; a pair without one is admitted now.
+            self.admit_pair(idx, 0, None);
+        }
     }
 
     /// Called after each batch: resume accepting once below the limits, or after the EMFILE

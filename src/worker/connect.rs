@@ -13,20 +13,27 @@ use crate::net;
 use crate::outcome::{CloseReason, ConnectFail, PauseCause, Side};
 
 impl Worker {
-    /// Fill the pair's candidate list (balancer order; up targets first).
-    pub(super) fn choose_candidates(&mut self, idx: usize, app_idx: usize) {
+    /// Fill the pair's candidate list from route `route` of app `app_idx` (balancer order; up
+    /// targets first), as indices into the pair's app targets.
+    pub(super) fn choose_candidates(&mut self, idx: usize, app_idx: usize, route: usize) {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
         let app = &pair.app;
         let now_ms = health::now_ms();
-        let targets = &app.targets;
-        let up = |i: usize| targets.get(i).is_some_and(|t| t.health.is_up(now_ms));
-        let active = |i: usize| targets.get(i).map_or(0, |t| t.active());
-        let Some(balancer) = self.balancers.get_mut(app_idx) else {
+        let (Some(balancer), Some(r)) = (
+            self.balancers
+                .get_mut(app_idx)
+                .and_then(|b| b.get_mut(route)),
+            app.routes.get(route),
+        ) else {
             pair.n_candidates = 0;
             return;
         };
+        let members = &r.members;
+        let target = |i: usize| members.get(i).and_then(|&m| app.targets.get(m));
+        let up = |i: usize| target(i).is_some_and(|t| t.health.is_up(now_ms));
+        let active = |i: usize| target(i).map_or(0, |t| t.active());
         let all_down = balancer.candidates(pair.client_addr.ip(), &up, &active, &mut self.scratch);
         if all_down {
             log::debug!(
@@ -40,7 +47,9 @@ impl Worker {
             .map_or(usize::MAX, |r| r.saturating_add(1))
             .min(MAX_ATTEMPTS);
         let n = self.scratch.len().min(limit);
-        pair.candidates[..n].copy_from_slice(&self.scratch[..n]);
+        for (slot, &i) in pair.candidates.iter_mut().zip(&self.scratch[..n]) {
+            *slot = members.get(i as usize).map_or(u16::MAX, |&m| m as u16);
+        }
         pair.n_candidates = n as u8;
         pair.attempt = 0;
     }
@@ -134,7 +143,7 @@ impl Worker {
             return;
         };
         pair.state = PairState::Open;
-        self.connecting -= 1;
+        self.setting_up -= 1;
         pair.upstream.writable = true;
         pair.last_active = self.now;
         pair.connect_time = self.now.saturating_duration_since(pair.connect_started);

@@ -6,6 +6,7 @@
 pub mod accept;
 pub mod connect;
 pub mod pair;
+pub mod preface;
 pub mod relay;
 pub mod timer;
 pub mod token;
@@ -108,8 +109,11 @@ pub struct Worker {
     listeners: Vec<Option<Listener>>,
     /// The current generation of apps; `listeners[i].app` and `balancers` index it.
     apps: Vec<Arc<AppRuntime>>,
-    /// One per app, same order as `apps`.
-    balancers: Vec<Balancer>,
+    /// Per app (same order as `apps`), one per route (route 0 = default).
+    balancers: Vec<Vec<Balancer>>,
+    /// The TLS server name of each pair slot (`NAME_MAX` bytes a slot, `Pair::sni_len` used);
+    /// reserved at start, pages touched only by SNI-routed apps.
+    names: Vec<u8>,
     /// Scratch for candidate lists; capacity = most targets of any app (no allocation).
     scratch: Vec<u16>,
     /// Pairs closed in this batch; their slots are freed after it (stale-event guard).
@@ -134,9 +138,9 @@ pub struct Worker {
     /// The time of the current batch (read once after `poll`).
     now: Instant,
     next_tick: Instant,
-    /// Number of pairs in state `Connecting` (the timer runs only while some are, or while
-    /// idle timeouts apply).
-    connecting: usize,
+    /// Number of pairs in state `Preface` or `Connecting`, which have a deadline (the timer
+    /// runs only while some are, or while idle timeouts apply).
+    setting_up: usize,
     /// Some app of this generation, or some live pair, has an idle timeout.
     idle_timeouts: bool,
     max_events: usize,
@@ -167,6 +171,7 @@ impl Worker {
             id: setup.id,
             poll,
             pairs: Slab::with_capacity(setup.max_conns),
+            names: vec![0; setup.max_conns * preface::NAME_MAX],
             pool: BufPool::new(setup.max_conns * 2, setup.buffer_size)?,
             pipes: relay::PipePool::new(setup.pipe_budget),
             listeners,
@@ -185,7 +190,7 @@ impl Worker {
             stop: false,
             now,
             next_tick: now,
-            connecting: 0,
+            setting_up: 0,
             idle_timeouts,
             max_events: setup.max_events.max(1),
             access_log: setup.access_log,
@@ -236,7 +241,7 @@ impl Worker {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        let needs_tick = self.connecting > 0
+        let needs_tick = self.setting_up > 0
             || (self.idle_timeouts && !self.pairs.is_empty())
             || self.limit_paused
             || self.app_paused.iter().any(|p| *p)
@@ -304,6 +309,8 @@ impl Worker {
             half.writable = true;
         }
         match (pair.state, side) {
+            (PairState::Preface, Side::Client) => self.on_preface(idx),
+            (PairState::Preface, Side::Upstream) => {}
             (PairState::Connecting, Side::Upstream) => self.on_connect_event(idx),
             (PairState::Connecting, Side::Client) => {
                 // Client bytes wait in the kernel until the upstream is connected; only a
@@ -345,8 +352,8 @@ impl Worker {
         };
         let connected = match pair.state {
             PairState::Closed => return,
-            PairState::Connecting => {
-                self.connecting -= 1;
+            PairState::Preface | PairState::Connecting => {
+                self.setting_up -= 1;
                 false
             }
             PairState::Open | PairState::HalfClosed => true,
@@ -373,6 +380,12 @@ impl Worker {
             );
         }
         // Counters first, sockets last: whoever sees the close sees it counted.
+        if pair.source_counted
+            && let Some(t) = &pair.app.sources
+        {
+            t.remove(pair.client_addr.ip());
+            pair.source_counted = false;
+        }
         self.rec.record_close(&pair.app.counters, reason, truncated);
         if pair.app.cfg.access_log
             && let Some(tx) = &self.access_log
@@ -386,6 +399,7 @@ impl Worker {
                 bytes_to_upstream: pair.to_upstream.written,
                 bytes_to_client: pair.to_client.written,
                 reason,
+                server_name: copy_name(&self.names, idx, pair.sni_len),
             };
             if let Err(TrySendError::Full(_)) = tx.try_send(rec) {
                 self.rec.record_access_log_drop();
@@ -443,23 +457,25 @@ fn register_listener(poll: &Poll, l: NewListener, i: usize) -> io::Result<Listen
     })
 }
 
-fn make_balancers(worker: usize, apps: &[Arc<AppRuntime>]) -> Vec<Balancer> {
+/// One balancer per route of each app (`[app][route]`, route 0 = default).
+fn make_balancers(worker: usize, apps: &[Arc<AppRuntime>]) -> Vec<Vec<Balancer>> {
     let seed = (worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ std::process::id() as u64;
     apps.iter()
         .enumerate()
         .map(|(i, a)| {
-            let weights: Vec<u32> = a.targets.iter().map(|t| t.cfg.weight).collect();
-            let keys: Vec<u64> = a
-                .targets
+            a.routes
                 .iter()
-                .map(|t| fnv1a(t.cfg.name.as_bytes()))
-                .collect();
-            Balancer::with_keys(
-                a.cfg.balance,
-                &weights,
-                &keys,
-                seed ^ (i as u64).wrapping_mul(0x100_0000_01B3),
-            )
+                .enumerate()
+                .map(|(r, route)| {
+                    let keys: Vec<u64> = route
+                        .members
+                        .iter()
+                        .map(|&m| a.targets.get(m).map_or(0, |t| fnv1a(t.cfg.name.as_bytes())))
+                        .collect();
+                    let salt = (i as u64).wrapping_mul(0x100_0000_01B3) ^ (r as u64) << 48;
+                    Balancer::with_keys(route.balance, &route.weights, &keys, seed ^ salt)
+                })
+                .collect()
         })
         .collect()
 }
@@ -513,7 +529,7 @@ impl Worker {
         self.pairs
             .iter()
             .filter(|(_, p)| p.state != PairState::Closed)
-            .map(|(_, p)| ConnInfo {
+            .map(|(i, p)| ConnInfo {
                 worker: self.id,
                 client: p.client_addr,
                 app: p.app.cfg.name.clone(),
@@ -524,9 +540,26 @@ impl Worker {
                 age: self.now.saturating_duration_since(p.started),
                 bytes_to_upstream: p.to_upstream.written,
                 bytes_to_client: p.to_client.written,
+                server_name: (p.sni_len > 0).then(|| {
+                    String::from_utf8_lossy(name_of(&self.names, i, p.sni_len)).into_owned()
+                }),
             })
             .collect()
     }
+}
+
+/// The server name kept for pair slot `idx`.
+fn name_of(names: &[u8], idx: usize, len: u8) -> &[u8] {
+    let start = idx * preface::NAME_MAX;
+    names.get(start..start + len as usize).unwrap_or(&[])
+}
+
+/// The server name of pair slot `idx` as a fixed-size record field.
+fn copy_name(names: &[u8], idx: usize, len: u8) -> ([u8; preface::NAME_MAX], u8) {
+    let mut out = [0u8; preface::NAME_MAX];
+    let n = name_of(names, idx, len);
+    out[..n.len()].copy_from_slice(n);
+    (out, n.len() as u8)
 }
 
 /// FNV-1a: a stable hash of a target's name, so its source-hash ring points do not depend on
@@ -553,7 +586,7 @@ impl Worker {
             self.pairs.len() <= self.rec.global_active(),
             "every pair holds a global slot"
         );
-        let mut connecting = 0;
+        let mut setting_up = 0;
         for (_, p) in self.pairs.iter() {
             for f in [&p.to_upstream, &p.to_client] {
                 assert!(f.written <= f.read);
@@ -567,8 +600,13 @@ impl Worker {
             assert!(p.client.sock.is_some() || p.client.interest.is_none());
             assert!(p.upstream.sock.is_some() || p.upstream.interest.is_none());
             match p.state {
+                PairState::Preface => {
+                    setting_up += 1;
+                    assert!(p.client.sock.is_some() && p.upstream.sock.is_none());
+                    assert!(!p.source_counted && p.to_upstream.header == 0);
+                }
                 PairState::Connecting => {
-                    connecting += 1;
+                    setting_up += 1;
                     assert!(p.client.sock.is_some());
                     assert_eq!(p.upstream.sock.is_none(), p.waiting_fd);
                 }
@@ -584,8 +622,8 @@ impl Worker {
             }
         }
         assert_eq!(
-            connecting, self.connecting,
-            "`connecting` counts Connecting pairs"
+            setting_up, self.setting_up,
+            "`setting_up` counts Preface/Connecting"
         );
     }
 }

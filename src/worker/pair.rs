@@ -17,7 +17,10 @@ use crate::stats::Recorder;
 /// Where a pair is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PairState {
-    /// Client accepted; a non-blocking connect to `Pair::target` is in flight.
+    /// Client accepted; its first bytes (a PROXY header with `accept_proxy`, a TLS ClientHello
+    /// with SNI routes) are being read into `to_upstream` before a target is chosen.
+    Preface,
+    /// A non-blocking connect to `Pair::target` is in flight.
     Connecting,
     /// Both halves established; bytes flow both ways.
     Open,
@@ -30,6 +33,7 @@ pub enum PairState {
 impl PairState {
     pub fn as_str(self) -> &'static str {
         match self {
+            PairState::Preface => "preface",
             PairState::Connecting => "connecting",
             PairState::Open => "open",
             PairState::HalfClosed => "half_closed",
@@ -68,6 +72,9 @@ pub struct Flow {
     pub pipe: Option<crate::sys::Pipe>,
     /// Bytes sitting in `pipe`. Invariant: only one of `buf` and `pipe` holds bytes.
     pub piped: usize,
+    /// The first `header` pending bytes of `buf` are a PROXY header written by epoxy, not
+    /// payload: they count toward neither `read` nor `written`.
+    pub header: u16,
 }
 
 impl Flow {
@@ -97,6 +104,13 @@ pub struct Pair {
     pub to_client: Flow,
     /// The app (of the config generation that accepted it; a reload does not change it).
     pub app: Arc<AppRuntime>,
+    /// Index of `app` in the worker's apps when accepted (checked with `Arc::ptr_eq` before
+    /// use: a reload may have replaced the generation).
+    pub app_idx: u32,
+    /// The pair counts toward `app.sources` for `client_addr.ip()`.
+    pub source_counted: bool,
+    /// Length of the TLS server name kept in the worker's name table for this slot.
+    pub sni_len: u8,
     /// Index of the target being tried or in use, within the app. While `upstream.sock` is
     /// `Some`, the pair counts toward that target's live pairs (see `drop_upstream`).
     pub target: usize,
@@ -105,9 +119,10 @@ pub struct Pair {
     pub candidates: [u16; MAX_ATTEMPTS],
     pub n_candidates: u8,
     pub attempt: u8,
+    /// The client: the peer address, or the source of its PROXY header (`accept_proxy`).
     pub client_addr: SocketAddr,
     pub started: Instant,
-    /// When the connect in flight times out.
+    /// When the preface or the connect in flight times out.
     pub deadline: Instant,
     pub connect_started: Instant,
     /// Time the successful connect took (zero until connected).
@@ -125,10 +140,14 @@ impl Pair {
         client: TcpStream,
         client_addr: SocketAddr,
         app: Arc<AppRuntime>,
+        app_idx: usize,
         now: Instant,
     ) -> Pair {
         Pair {
             state: PairState::Connecting,
+            app_idx: app_idx as u32,
+            source_counted: false,
+            sni_len: 0,
             // A just-accepted socket has an empty send buffer: writable until a write says
             // otherwise (saves two epoll_ctl calls and a wake-up per connection).
             client: Half {

@@ -62,7 +62,7 @@ impl Worker {
             (PairState::Open | PairState::HalfClosed, true, false)
             | (PairState::Open | PairState::HalfClosed, false, true) => Some(PairState::HalfClosed),
             (PairState::Open | PairState::HalfClosed, false, false) => Some(PairState::Open),
-            (PairState::Connecting | PairState::Closed, _, _) => {
+            (PairState::Preface | PairState::Connecting | PairState::Closed, _, _) => {
                 log::error!("relay on a pair in state {:?}", pair.state);
                 self.close(idx, CloseReason::Internal);
                 return;
@@ -201,8 +201,11 @@ fn pump(
                     } else {
                         flow.buf.consumed(n);
                     }
-                    flow.written += n as u64;
-                    moved += n as u64;
+                    // A PROXY header epoxy wrote in front is not payload.
+                    let header = n.min(usize::from(flow.header));
+                    flow.header -= header as u16;
+                    flow.written += (n - header) as u64;
+                    moved += (n - header) as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dst.writable = false;

@@ -22,7 +22,7 @@ impl Worker {
             self.close_all(CloseReason::Shutdown);
             return;
         }
-        if self.connecting == 0 && !self.idle_timeouts {
+        if self.setting_up == 0 && !self.idle_timeouts {
             return;
         }
         self.expired.clear();
@@ -30,6 +30,7 @@ impl Worker {
         let fd_retry = self.accept_backoff_until.is_none();
         for (idx, pair) in self.pairs.iter() {
             let due = match pair.state {
+                PairState::Preface => (now >= pair.deadline).then_some(Due::Preface),
                 PairState::Connecting if pair.waiting_fd && now >= pair.deadline => Some(Due::NoFd),
                 PairState::Connecting if pair.waiting_fd => fd_retry.then_some(Due::Retry),
                 PairState::Connecting => (now >= pair.deadline).then_some(Due::ConnectTimeout),
@@ -52,6 +53,7 @@ impl Worker {
                 Due::Idle => self.close(idx, CloseReason::IdleTimeout),
                 Due::Retry => self.start_connect(idx),
                 Due::NoFd => self.close(idx, CloseReason::NoBackend),
+                Due::Preface => self.on_preface_timeout(idx),
             }
         }
     }
@@ -66,4 +68,6 @@ pub enum Due {
     Retry,
     /// Gave up waiting for a file descriptor.
     NoFd,
+    /// The client's preface (PROXY header, ClientHello) did not complete in time.
+    Preface,
 }
