@@ -184,6 +184,24 @@ pub fn prometheus(view: &ProxyView) -> String {
         "Pairs closed with bytes read from one side but never delivered to the other.",
         per_reason(|c| &c.truncated),
     );
+    let closed_for = |r: CloseReason| {
+        apps.iter()
+            .map(move |a| (app(a), a.counters.closed[r as usize].load(Relaxed)))
+    };
+    family(
+        &mut o,
+        "epoxy_acl_denied_total",
+        "counter",
+        "Clients refused by the app's allow/deny lists (also in epoxy_closes_total).",
+        closed_for(CloseReason::AclDenied),
+    );
+    family(
+        &mut o,
+        "epoxy_source_limited_total",
+        "counter",
+        "Clients refused by max_conns_per_source (also in epoxy_closes_total).",
+        closed_for(CloseReason::SourceLimit),
+    );
     family(
         &mut o,
         "epoxy_connect_errors_total",
