@@ -374,7 +374,7 @@ impl HoldServer {
 impl Drop for HoldServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(500));
+        let _ = TcpStream::connect_timeout(&self.addr, scaled_secs(5));
         self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }

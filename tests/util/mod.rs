@@ -1231,8 +1231,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept thread; it sees the flag and returns, closing the listener.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(500));
+        // Wake the accept thread; it sees the flag and returns, closing the listener. (A
+        // generous bound: if this connect gave up, the listener would stay open, and a test
+        // waiting for the port to refuse would fail.)
+        let _ = TcpStream::connect_timeout(&self.addr, scaled_secs(5));
     }
 }
 
