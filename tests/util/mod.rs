@@ -247,7 +247,8 @@ pub fn proxy_args(backend: SocketAddr, extra: &[&str]) -> Vec<String> {
     v
 }
 
-/// Spawns the proxy with `args` (RUST_LOG=info) and waits up to 10 s for `listening on`.
+/// Spawns the proxy with `args` (RUST_LOG=info) and waits up to `startup_timeout()` for
+/// `listening on`.
 pub fn spawn_proxy<S: AsRef<str>>(args: &[S]) -> ProxyHandle {
     let mut cmd = Command::new(PROXY_BIN);
     cmd.args(args.iter().map(|s| s.as_ref()));
@@ -260,7 +261,7 @@ pub fn spawn_proxy_to(backend: SocketAddr, extra: &[&str]) -> ProxyHandle {
 }
 
 /// Spawns a prepared command (the proxy itself or a wrapper that execs it) and waits up to
-/// 10 s for the `listening on` line.
+/// `startup_timeout()` for the `listening on` line.
 pub fn spawn_proxy_cmd(cmd: Command) -> ProxyHandle {
     let mut h = ProxyHandle::spawn_raw(cmd);
     let timeout = startup_timeout();
@@ -406,8 +407,9 @@ impl ProxyHandle {
         send_signal(self.pid, libc::SIGINT).expect("kill(SIGINT)");
     }
 
-    /// Waits up to `timeout` for the process to exit; then waits (at most 2 s more) for its
-    /// stderr to reach EOF so that `stderr_text` is complete. None if it is still running.
+    /// Waits up to `timeout` for the process to exit; then waits (at most a scaled 5 s more)
+    /// for its stderr to reach EOF so that `stderr_text` is complete. None if it is still
+    /// running.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.status.is_none() {
             let deadline = Instant::now() + timeout;
