@@ -1,14 +1,18 @@
 //! Design rule 3.7: nothing allocates between two `poll()` calls. This binary installs a
-//! counting global allocator, embeds the proxy through the library API, and relays echo
-//! traffic on an already-open connection while counting the allocations made on the proxy's
-//! worker threads (`epoxy-worker-N`). The test's own code keeps its buffers pre-allocated.
+//! counting global allocator, embeds the proxy through the library API, and counts the
+//! allocations made on the proxy's worker threads (`epoxy-worker-N`) while (1) relaying echo
+//! traffic on an already-open connection and (2) serving a warm loop of short connections
+//! (accept, upstream connect, one round trip, close). The test's own code keeps its buffers
+//! pre-allocated (and its allocations count apart anyway: they are not on a worker thread).
+//!
+//! The counter is process-wide, so the tests take `SERIAL` and never overlap their windows.
 
 #[path = "util/counting_alloc.rs"]
 mod counting_alloc;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,6 +24,27 @@ static ALLOC: CountingAlloc = CountingAlloc::new();
 
 const CHUNK: usize = 64 * 1024;
 const WINDOW_BYTES: usize = 32 << 20;
+
+/// Short connections before the measured ones (pools, slab, timer wheel warmed up).
+const WARM_CONNS: usize = 200;
+/// Short connections in the measured window.
+const MEASURED_CONNS: usize = 200;
+
+/// Serializes the tests of this binary: the allocation counter is global.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bounds on waiting, scaled like the integration tests' (`EPOXY_TEST_TIME_SCALE`).
+fn scaled_secs(n: u64) -> Duration {
+    let scale = std::env::var("EPOXY_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|f| f.is_finite() && *f > 0.0)
+        .unwrap_or(1.0);
+    Duration::from_secs(n).mul_f64(scale)
+}
 
 /// An echo upstream on 127.0.0.1:0: one thread per connection, fixed buffer.
 fn echo_upstream() -> SocketAddr {
@@ -58,10 +83,10 @@ fn echo_upstream() -> SocketAddr {
 }
 
 fn client(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect proxy");
+    let s = TcpStream::connect_timeout(&addr, scaled_secs(10)).expect("connect proxy");
     s.set_nodelay(true).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(scaled_secs(20))).unwrap();
+    s.set_write_timeout(Some(scaled_secs(20))).unwrap();
     s
 }
 
@@ -108,8 +133,9 @@ fn worker_threads() -> usize {
         .count()
 }
 
-#[test]
-fn relay_does_not_allocate_on_worker_threads() {
+/// Starts the proxy (one app on 127.0.0.1:0 in front of an echo upstream) and checks that
+/// the counter can see its worker threads. Returns the proxy and its listener address.
+fn start_proxy() -> (epoxy::Proxy, SocketAddr) {
     let upstream = echo_upstream();
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let config = Config {
@@ -128,8 +154,8 @@ fn relay_does_not_allocate_on_worker_threads() {
     assert_ne!(addr.port(), 0, "local_addrs must resolve port 0");
 
     // Without a named worker thread the count below would be vacuous. A new thread sets its
-    // OS name itself as it starts, so give it a moment (bounded).
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // OS name itself as it starts: wait for it (bounded; the sleep paces the polling).
+    let deadline = Instant::now() + scaled_secs(10);
     while worker_threads() == 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(10));
     }
@@ -154,6 +180,36 @@ fn relay_does_not_allocate_on_worker_threads() {
         seen >= 1,
         "counting allocator missed an allocation on a worker-named thread"
     );
+    (proxy, addr)
+}
+
+/// The final totals the tests check.
+struct Totals {
+    accepted: u64,
+    bytes_client_to_upstream: u64,
+    bytes_upstream_to_client: u64,
+}
+
+/// Shuts the proxy down and returns its final totals (within a scaled 10 s).
+fn stop_proxy(proxy: epoxy::Proxy) -> Totals {
+    proxy.shutdown();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let s = proxy.join();
+        let _ = tx.send(Totals {
+            accepted: s.accepted,
+            bytes_client_to_upstream: s.bytes_client_to_upstream,
+            bytes_upstream_to_client: s.bytes_upstream_to_client,
+        });
+    });
+    rx.recv_timeout(scaled_secs(10))
+        .expect("proxy did not stop in time after shutdown()")
+}
+
+#[test]
+fn relay_does_not_allocate_on_worker_threads() {
+    let _serial = serial();
+    let (proxy, addr) = start_proxy();
 
     let mut send = vec![0u8; CHUNK];
     let mut back = vec![0u8; CHUNK];
@@ -196,16 +252,89 @@ fn relay_does_not_allocate_on_worker_threads() {
     assert_eq!(c.read(&mut one).expect("EOF at the end"), 0);
     drop(c);
 
-    proxy.shutdown();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let summary = proxy.join();
-        let _ = tx.send(summary);
-    });
-    let summary = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("proxy did not stop within 10 s of shutdown()");
+    let summary = stop_proxy(proxy);
     let expected = (WINDOW_BYTES + (4 << 20) + (2 << 20)) as u64;
     assert_eq!(summary.bytes_client_to_upstream, expected);
     assert_eq!(summary.bytes_upstream_to_client, expected);
+}
+
+/// One short connection: connect, one round trip of `send`, half-close, read the EOF, close.
+/// Does not allocate (fixed buffers, std sockets, no formatting).
+fn short_connection(addr: SocketAddr, send: &[u8], back: &mut [u8]) -> Result<bool, ()> {
+    let mut c = TcpStream::connect_timeout(&addr, scaled_secs(10)).map_err(|_| ())?;
+    let _ = c.set_nodelay(true);
+    c.set_read_timeout(Some(scaled_secs(20))).map_err(|_| ())?;
+    c.write_all(send).map_err(|_| ())?;
+    c.read_exact(back).map_err(|_| ())?;
+    c.shutdown(Shutdown::Write).map_err(|_| ())?;
+    let mut one = [0u8; 1];
+    let eof = matches!(c.read(&mut one), Ok(0));
+    Ok(back == send && eof)
+}
+
+/// Waits (bounded) until the proxy has no live pair, so that a window also covers the
+/// closing of the last connection. Returns whether it got there.
+fn wait_idle(proxy: &epoxy::Proxy) -> bool {
+    let deadline = Instant::now() + scaled_secs(10);
+    loop {
+        if proxy.summary().active == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        // Paces the polling; the result is decided by the condition.
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn short_connections_do_not_allocate_on_worker_threads() {
+    let _serial = serial();
+    let (proxy, addr) = start_proxy();
+    let mut send = [0u8; 256];
+    let mut back = [0u8; 256];
+    fill(&mut send, 0x5407);
+
+    // Warm-up: the same loop, not counted.
+    for i in 0..WARM_CONNS {
+        let ok = short_connection(addr, &send, &mut back);
+        assert_eq!(ok, Ok(true), "warm-up short connection {i} failed");
+    }
+    assert!(wait_idle(&proxy), "warm-up pairs still live");
+
+    // The window: accept, upstream connect, one round trip and close, MEASURED_CONNS times,
+    // up to the close of the last pair.
+    ALLOC.start_window();
+    let mut failed = 0usize;
+    for _ in 0..MEASURED_CONNS {
+        if short_connection(addr, &send, &mut back) != Ok(true) {
+            failed += 1;
+        }
+    }
+    let idle = wait_idle(&proxy);
+    let (on_workers, elsewhere) = ALLOC.end_window();
+
+    assert_eq!(
+        failed, 0,
+        "{failed} of {MEASURED_CONNS} short connections failed"
+    );
+    assert!(idle, "measured pairs still live after the loop");
+    eprintln!(
+        "allocations during {MEASURED_CONNS} short connections: {on_workers} on worker threads, {elsewhere} elsewhere"
+    );
+    assert_eq!(
+        on_workers,
+        0,
+        "the proxy's worker threads allocated {on_workers} times ({:.2} per connection) while \
+         accepting, connecting, relaying one round trip and closing {MEASURED_CONNS} short \
+         connections",
+        on_workers as f64 / MEASURED_CONNS as f64
+    );
+
+    let summary = stop_proxy(proxy);
+    let total = (WARM_CONNS + MEASURED_CONNS) as u64;
+    assert_eq!(summary.accepted, total, "connections accepted");
+    assert_eq!(summary.bytes_client_to_upstream, total * send.len() as u64);
+    assert_eq!(summary.bytes_upstream_to_client, total * send.len() as u64);
 }

@@ -350,3 +350,37 @@ fn check_reports_a_missing_file() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// Port 0 (any free port) is a valid listen entry in every format that has one; the tests
+/// rely on it to never pick a port themselves.
+#[test]
+fn check_accepts_port_zero() {
+    let dir = scratch_dir();
+    let cases = [
+        (
+            "zero-listen.toml",
+            "[[app]]\nname = \"a\"\nlisten = [\"127.0.0.1:0\", \"127.0.0.2:0\"]\ntargets = [\"127.0.0.1:19001\"]\n\n[[app]]\nname = \"b\"\nlisten = [\"127.0.0.1:0\"]\ntargets = [\"127.0.0.1:19001\"]\n",
+        ),
+        (
+            "zero-ports.toml",
+            "[[app]]\nname = \"a\"\nports = [0, 0]\ntargets = [\"127.0.0.1:19001\"]\n",
+        ),
+        (
+            "zero-ports.json",
+            "{\"Apps\": [{\"Name\": \"a\", \"Ports\": [0, 0], \"Targets\": [\"127.0.0.1:19001\"]}]}\n",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (file, text) in cases {
+        let path = dir.join(file);
+        std::fs::write(&path, text).expect("write config");
+        let (code, stdout, stderr) = check(&path);
+        if code != Some(0) || !stdout.contains("ok") {
+            failures.push(format!(
+                "{file}: exit {code:?}, output {stdout:?}{stderr:?}"
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}

@@ -3,9 +3,8 @@
 //! SIGHUP reload under load (valid and invalid files), drain readiness and the truncation
 //! counter.
 //!
-//! Config files cannot use port 0, so tests pick free ports, write them in the file and retry
-//! the start when one was taken meanwhile. The admin endpoint uses `--admin 127.0.0.1:0` and
-//! its address is read from the log. Every wait has a deadline.
+//! Config files listen on port 0 (`any_port`) and the admin endpoint on `127.0.0.1:0`; the
+//! bound addresses are read from the log. Every wait has a (scaled) deadline.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -47,7 +46,7 @@ fn promtool_check(text: &str) -> Option<Result<(), String>> {
     let writer = thread::spawn(move || {
         let _ = stdin.write_all(body.as_bytes());
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + scaled_secs(30);
     loop {
         match child.try_wait() {
             Ok(Some(_)) => break,
@@ -55,7 +54,7 @@ fn promtool_check(text: &str) -> Option<Result<(), String>> {
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Some(Err("promtool did not finish within 30 s".into()));
+                return Some(Err("promtool did not finish in time".into()));
             }
         }
     }
@@ -75,14 +74,15 @@ fn promtool_check(text: &str) -> Option<Result<(), String>> {
 
 /// Waits until no pair of `app` is live.
 fn wait_app_idle(admin: SocketAddr, app: &str) {
-    let ok = wait_until(Duration::from_secs(5), || {
+    let within = scaled_secs(10);
+    let ok = wait_until(within, || {
         metric(
             &metrics_text(admin),
             "epoxy_connections_active",
             &[("app", app)],
         ) == Some(0.0)
     });
-    assert!(ok, "app '{app}' still has live pairs after 5 s");
+    assert!(ok, "app '{app}' still has live pairs after {within:?}");
 }
 
 /// Waits until the closes counted over all apps reach `n` (a close is counted right after
@@ -95,7 +95,7 @@ fn wait_closes(admin: SocketAddr, n: u64) {
             .sum()
     };
     assert!(
-        wait_until(Duration::from_secs(3), || sum() >= n as f64),
+        wait_until(scaled_secs(10), || sum() >= n as f64),
         "closes counted: {}, want {n}",
         sum()
     );
@@ -120,8 +120,7 @@ fn request_reply(addr: SocketAddr, seed: u64, req_len: u64) -> (TcpStream, u64) 
         let _ = w.shutdown(Shutdown::Write);
         r
     });
-    let (len, _) =
-        read_to_eof_hash(&mut c, Instant::now() + Duration::from_secs(20)).expect("read reply");
+    let (len, _) = read_to_eof_hash(&mut c, Instant::now() + scaled_secs(30)).expect("read reply");
     writer.join().expect("writer").expect("write request");
     (c, len)
 }
@@ -163,9 +162,9 @@ fn metrics_scrape_under_load_passes_promtool() {
             thread::spawn(move || -> io::Result<()> {
                 let msg = Pattern::bytes(i, 1024);
                 while !stop.load(Ordering::SeqCst) {
-                    let mut c = try_connect(addr, Duration::from_secs(5))?;
+                    let mut c = try_connect(addr, scaled_secs(10))?;
                     for _ in 0..10 {
-                        let back = roundtrip(&mut c, &msg, Duration::from_secs(5))?;
+                        let back = roundtrip(&mut c, &msg, scaled_secs(10))?;
                         if back != msg {
                             return Err(io::Error::other("echo differs"));
                         }
@@ -177,8 +176,7 @@ fn metrics_scrape_under_load_passes_promtool() {
         })
         .collect();
     assert!(
-        wait_until(Duration::from_secs(5), || rounds.load(Ordering::SeqCst)
-            > 100),
+        wait_until(scaled_secs(10), || rounds.load(Ordering::SeqCst) > 100),
         "no load flowing"
     );
     let mut last = String::new();
@@ -190,6 +188,7 @@ fn metrics_scrape_under_load_passes_promtool() {
                 "metric {name} missing from /metrics:\n{last}"
             );
         }
+        // Spreads the scrapes over the load; nothing is decided by the pause.
         thread::sleep(Duration::from_millis(100));
     }
     let under_load = last.clone();
@@ -234,8 +233,8 @@ fn admin_routes_status_codes() {
         let (code, _) = http_get(admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
         assert_eq!(code, want, "GET {path}");
     }
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = TcpStream::connect_timeout(&admin, scaled_secs(10)).expect("connect");
+    s.set_read_timeout(Some(scaled_secs(10))).unwrap();
     s.write_all(b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
         .unwrap();
     let mut raw = String::new();
@@ -253,28 +252,32 @@ fn byte_counters_equal_bytes_sent_and_received() {
     const REPLY_TWO: u64 = 7_777;
     let (srv_one, _ev1) = half_close_server_client_first(REPLY_ONE, 0x11);
     let (srv_two, _ev2) = half_close_server_client_first(REPLY_TWO, 0x22);
-    let st = start_cfg("toml", 2, 2, &[], true, &|p| {
-        format!(
-            "[[app]]\nname = \"one\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\"]\n\n\
-             [[app]]\nname = \"two\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\"]\n",
-            p[0],
+    let st = start_cfg(
+        "toml",
+        2,
+        &[],
+        true,
+        &format!(
+            "[[app]]\nname = \"one\"\nlisten = [\"{}\"]\ntargets = [\"{}\"]\n\n\
+             [[app]]\nname = \"two\"\nlisten = [\"{}\"]\ntargets = [\"{}\"]\n",
+            any_port(1),
             srv_one.addr(),
-            p[1],
+            any_port(2),
             srv_two.addr()
-        )
-    });
+        ),
+    );
     let admin = st.admin.expect("admin");
     let reqs_one = [1000u64, 65_536, 300_001];
     let reqs_two = [12_345u64, 1];
     let (mut up1, mut down1, mut up2, mut down2) = (0u64, 0u64, 0u64, 0u64);
     for (i, &n) in reqs_one.iter().enumerate() {
-        let (_c, got) = request_reply(local(st.ports[0]), i as u64, n);
+        let (_c, got) = request_reply(st.app_addr("one"), i as u64, n);
         assert_eq!(got, REPLY_ONE);
         up1 += n;
         down1 += got;
     }
     for (i, &n) in reqs_two.iter().enumerate() {
-        let (_c, got) = request_reply(local(st.ports[1]), 100 + i as u64, n);
+        let (_c, got) = request_reply(st.app_addr("two"), 100 + i as u64, n);
         assert_eq!(got, REPLY_TWO);
         up2 += n;
         down2 += got;
@@ -370,24 +373,29 @@ fn byte_counters_equal_bytes_sent_and_received() {
 #[test]
 fn json_metrics_parse_and_match_text() {
     let echo = echo_server();
-    let dead = free_port();
-    let st = start_cfg("toml", 2, 2, &[], true, &|p| {
-        format!(
-            "[[app]]\nname = \"live\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\", {{ addr = \"127.0.0.1:{dead}\", weight = 2 }}]\n\n\
-             [[app]]\nname = \"gone\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"127.0.0.1:{dead}\"]\n",
-            p[0],
+    let dead = dead_port();
+    let st = start_cfg(
+        "toml",
+        2,
+        &[],
+        true,
+        &format!(
+            "[[app]]\nname = \"live\"\nlisten = [\"{}\"]\ntargets = [\"{}\", {{ addr = \"{d}\", weight = 2 }}]\n\n\
+             [[app]]\nname = \"gone\"\nlisten = [\"{}\"]\ntargets = [\"{d}\"]\n",
+            any_port(1),
             echo.addr(),
-            p[1]
-        )
-    });
+            any_port(2),
+            d = dead.addr()
+        ),
+    );
     let admin = st.admin.expect("admin");
     for i in 0..6 {
-        let mut c = connect(local(st.ports[0]));
+        let mut c = connect(st.app_addr("live"));
         assert_echo(&mut c, &Pattern::bytes(i, 3000 + i as usize));
     }
-    for _ in 0..2 {
-        let mut c = connect(local(st.ports[1]));
-        let _ = wait_closed(&mut c, Duration::from_secs(5));
+    for i in 0..2 {
+        let mut c = connect(st.app_addr("gone"));
+        assert_closed_empty(&mut c, &format!("client {i} of app 'gone' (dead target)"));
     }
     wait_app_idle(admin, "live");
     wait_app_idle(admin, "gone");
@@ -540,7 +548,7 @@ fn connections_lists_live_pair_with_client_address() {
     assert!(e["age_seconds"].as_f64().is_some_and(|a| a >= 0.0), "{e}");
     assert!(e["state"].is_string() && e["worker"].is_u64(), "{e}");
     drop(c);
-    let gone = wait_until(Duration::from_secs(5), || {
+    let gone = wait_until(scaled_secs(10), || {
         let l = json_get(admin, "/connections");
         l.as_array()
             .is_some_and(|a| a.len() == 1 && a.iter().all(|e| e["client"] != me.as_str()))
@@ -554,36 +562,52 @@ fn connections_lists_live_pair_with_client_address() {
 // Drain
 // ---------------------------------------------------------------------------------------------
 
-/// Fails unless `/readyz` answers 503 within 1 s (called right after SIGTERM).
-fn assert_readyz_503_within_1s(admin: SocketAddr) {
+/// Fails unless `/readyz` answers 503 soon (called right after SIGTERM; it takes
+/// milliseconds, the bound allows for a loaded machine).
+fn assert_readyz_503_soon(admin: SocketAddr) {
+    let within = scaled_secs(5);
     assert!(
-        wait_until(Duration::from_secs(1), || {
+        wait_until(within, || {
             http_get(admin, "/readyz").is_ok_and(|(code, _)| code == 503)
         }),
-        "readyz not 503 within 1 s of SIGTERM"
+        "readyz not 503 within {within:?} of SIGTERM"
     );
 }
 
-/// Fails unless the listener `addr` stops accepting within `within` of SIGTERM.
-fn assert_stops_accepting(addr: SocketAddr, within: Duration, why: &str) {
+/// Fails unless the proxy stops accepting on `addr` within `within`: a connect is refused,
+/// or the proxy no longer holds a listening socket there (once it lets the port go, anyone
+/// may bind it, so a successful connect later proves nothing about the proxy).
+fn assert_stops_accepting(p: &ProxyHandle, addr: SocketAddr, within: Duration, why: &str) {
     assert!(
-        wait_until(within, || try_connect(addr, Duration::from_millis(300))
-            .is_err()),
+        wait_until(within, || !p.listens_on(addr)
+            || try_connect(addr, scaled(Duration::from_millis(500))).is_err()),
         "listener still accepting {within:?} after SIGTERM ({why})"
     );
+}
+
+/// Fails unless the proxy closes `c` (no bytes) soon: a client of an app whose targets refuse.
+fn assert_closed_empty(c: &mut TcpStream, what: &str) {
+    let within = scaled_secs(10);
+    match wait_closed(c, within) {
+        Ok((_, 0)) => {}
+        Ok((how, n)) => panic!("{what}: got {n} bytes before {how:?}"),
+        Err(n) => panic!("{what}: still open {within:?} later ({n} bytes received)"),
+    }
 }
 
 #[test]
 fn readyz_turns_503_on_sigterm_while_pair_open() {
     let echo = echo_server();
-    let (mut proxy, admin) = spawn_with_admin(echo.addr(), &["--grace", "5s"]);
+    // The grace period only has to outlast the test's steps (the proxy exits once the last
+    // pair closes), so it is long: a loaded machine must not end it early.
+    let (mut proxy, admin) = spawn_with_admin(echo.addr(), &["--grace", "60s"]);
     let addr = proxy.addr();
     assert_eq!(http_get(admin, "/readyz").expect("readyz").0, 200);
     let mut c = connect(addr);
     assert_echo(&mut c, b"before");
     proxy.sigterm();
     let t0 = Instant::now();
-    assert_readyz_503_within_1s(admin);
+    assert_readyz_503_soon(admin);
     println!("readyz 503 after {:?}", t0.elapsed());
     assert_eq!(
         http_get(admin, "/healthz").expect("healthz").0,
@@ -594,13 +618,13 @@ fn readyz_turns_503_on_sigterm_while_pair_open() {
     assert_eq!(j["ready"], false, "JSON ready while draining");
     // The live pair keeps working during the grace period; new clients are refused.
     assert_echo(&mut c, b"during drain");
-    assert_stops_accepting(addr, Duration::from_secs(2), "drain_delay 0");
+    assert_stops_accepting(&proxy, addr, scaled_secs(10), "drain_delay 0");
     assert!(
         !proxy.has_exited(),
         "exited with a live pair inside the grace period"
     );
     drop(c);
-    let st = proxy.wait_exit(Duration::from_secs(4));
+    let st = proxy.wait_exit(scaled_secs(10));
     assert!(
         st.is_some_and(|s| s.success()),
         "proxy did not exit 0 once the last pair closed ({st:?}); stderr:\n{}",
@@ -610,22 +634,30 @@ fn readyz_turns_503_on_sigterm_while_pair_open() {
 
 #[test]
 fn drain_delay_keeps_accepting_after_readyz_503() {
+    const DELAY: Duration = Duration::from_secs(5);
     let echo = echo_server();
     let (mut proxy, admin) =
-        spawn_with_admin(echo.addr(), &["--drain-delay", "2s", "--grace", "5s"]);
+        spawn_with_admin(echo.addr(), &["--drain-delay", "5s", "--grace", "5s"]);
     let addr = proxy.addr();
-    proxy.sigterm();
+    // Taken before the signal: the listeners close no sooner than `t0 + DELAY`.
     let t0 = Instant::now();
-    assert_readyz_503_within_1s(admin);
-    let mut c = connect(addr);
-    assert_echo(&mut c, b"accepted inside drain_delay");
-    assert!(
-        t0.elapsed() < Duration::from_millis(1500),
-        "too slow to test the delay"
-    );
-    drop(c);
-    assert_stops_accepting(addr, Duration::from_secs(4), "drain_delay 2s");
-    let st = proxy.wait_exit(Duration::from_secs(5));
+    proxy.sigterm();
+    assert_readyz_503_soon(admin);
+    // A connection made well inside the delay (2 s before its end, for the proxy to accept
+    // it) must be served. If this machine was too slow to get here in time, the check
+    // cannot be made: say so rather than fail.
+    if t0.elapsed() < DELAY - Duration::from_secs(2) {
+        let mut c = connect(addr);
+        assert_echo(&mut c, b"accepted inside drain_delay");
+        drop(c);
+    } else {
+        eprintln!(
+            "note: readyz turned 503 only {:?} after SIGTERM; serving inside the drain delay not checked",
+            t0.elapsed()
+        );
+    }
+    assert_stops_accepting(&proxy, addr, DELAY + scaled_secs(10), "drain_delay 5s");
+    let st = proxy.wait_exit(scaled_secs(15));
     assert!(st.is_some_and(|s| s.success()), "exit status {st:?}");
 }
 
@@ -637,7 +669,7 @@ fn drain_delay_keeps_accepting_after_readyz_503() {
 fn sighup_and_wait(p: &ProxyHandle, needle: &str) {
     let before = p.stderr_text().matches(needle).count();
     send_signal(p.pid(), libc::SIGHUP).expect("SIGHUP");
-    let ok = wait_until(Duration::from_secs(5), || {
+    let ok = wait_until(scaled_secs(10), || {
         p.stderr_text().matches(needle).count() > before
     });
     assert!(
@@ -654,28 +686,29 @@ fn reload_while_100_connections_stream() {
     const CHUNK_LEN: usize = 4096;
     let old_target = CountingServer::start();
     let new_target = CountingServer::start();
-    let cfg = |l: [u16; 2], t: SocketAddr| {
+    // Listeners are port-0 entries told apart by their configured addresses (`any_port`): the
+    // reload keeps #1 (same entry), removes #2 and adds #3.
+    let cfg = |l: [u8; 2], t: SocketAddr| {
         format!(
-            "[[app]]\nname = \"main\"\nlisten = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\ntargets = [\"{t}\"]\n",
-            l[0], l[1]
+            "[[app]]\nname = \"main\"\nlisten = [\"{}\", \"{}\"]\ntargets = [\"{t}\"]\n",
+            any_port(l[0]),
+            any_port(l[1])
         )
     };
-    let st = start_cfg("toml", 3, 2, &[], true, &|p| {
-        cfg([p[0], p[1]], old_target.addr())
-    });
+    let st = start_cfg("toml", 2, &[], true, &cfg([1, 2], old_target.addr()));
     let admin = st.admin.expect("admin");
-    let (l1, l2, l3) = (st.ports[0], st.ports[1], st.ports[2]);
+    let (l1, l2) = (st.addr(0), st.addr(1));
     let stop = Arc::new(AtomicBool::new(false));
     let rounds: Arc<Vec<AtomicU64>> = Arc::new((0..STREAMS).map(|_| AtomicU64::new(0)).collect());
     let started = Arc::new(Barrier::new(STREAMS + 1));
     let streams: Vec<_> = (0..STREAMS)
         .map(|i| {
             let (stop, rounds, started) = (stop.clone(), rounds.clone(), started.clone());
-            let port = if i % 2 == 0 { l1 } else { l2 };
+            let addr = if i % 2 == 0 { l1 } else { l2 };
             thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || -> Result<u64, String> {
-                    let c = try_connect(local(port), Duration::from_secs(5));
+                    let c = try_connect(addr, scaled_secs(10));
                     started.wait();
                     let mut c = c.map_err(|e| format!("stream {i}: connect: {e}"))?;
                     let mut pat = Pattern::new(i as u64);
@@ -686,12 +719,8 @@ fn reload_while_100_connections_stream() {
                         pat.fill(&mut chunk);
                         c.write_all(&chunk)
                             .map_err(|e| format!("stream {i}: write after {n} rounds: {e}"))?;
-                        read_exact_deadline(
-                            &mut c,
-                            &mut back,
-                            Instant::now() + Duration::from_secs(10),
-                        )
-                        .map_err(|e| format!("stream {i}: read after {n} rounds: {e}"))?;
+                        read_exact_deadline(&mut c, &mut back, Instant::now() + scaled_secs(20))
+                            .map_err(|e| format!("stream {i}: read after {n} rounds: {e}"))?;
                         if back != chunk {
                             return Err(format!("stream {i}: corrupted echo in round {n}"));
                         }
@@ -700,7 +729,7 @@ fn reload_while_100_connections_stream() {
                     }
                     c.shutdown(Shutdown::Write)
                         .map_err(|e| format!("stream {i}: shutdown: {e}"))?;
-                    match wait_closed(&mut c, Duration::from_secs(10)) {
+                    match wait_closed(&mut c, scaled_secs(20)) {
                         Ok((Closed::Eof, 0)) => Ok(n),
                         other => Err(format!("stream {i}: end after {n} rounds: {other:?}")),
                     }
@@ -710,7 +739,7 @@ fn reload_while_100_connections_stream() {
         .collect();
     started.wait();
     let all_flowing = |min: &[u64]| {
-        wait_until(Duration::from_secs(20), || {
+        wait_until(scaled_secs(30), || {
             (0..STREAMS).all(|i| rounds[i].load(Ordering::SeqCst) > min[i])
         })
     };
@@ -720,16 +749,22 @@ fn reload_while_100_connections_stream() {
     );
     assert_eq!(old_target.accepted(), STREAMS);
     // Reload: L2 removed, L3 added, the target list changed.
-    st.file.write(&cfg([l1, l3], new_target.addr()));
-    sighup_and_wait(&st.proxy, "configuration reloaded");
+    let added = st.reload(&cfg([1, 3], new_target.addr()));
     let at_reload: Vec<u64> = (0..STREAMS)
         .map(|i| rounds[i].load(Ordering::SeqCst))
         .collect();
+    let want_ip: std::net::IpAddr = [127, 0, 0, 3].into();
+    let l3 = added
+        .iter()
+        .find(|l| l.app == "main" && l.addr.ip() == want_ip)
+        .unwrap_or_else(|| panic!("the reload logged no new listener on {want_ip}: {added:?}"))
+        .connect_addr();
+    assert_ne!(l3.port(), 0);
     // The new listener serves, through the new target.
-    let mut c3 = connect(local(l3));
+    let mut c3 = connect(l3);
     assert_echo(&mut c3, b"new listener");
     // New connections on the kept listener use the new target list.
-    let mut c1 = connect(local(l1));
+    let mut c1 = connect(l1);
     assert_echo(&mut c1, b"kept listener");
     assert_eq!(
         new_target.accepted(),
@@ -741,10 +776,12 @@ fn reload_while_100_connections_stream() {
         STREAMS,
         "a new connection went to the old target"
     );
-    // The removed listener refuses.
+    // The removed listener is closed: the proxy holds no listening socket there any more
+    // (seen in /proc; once released, the port is anyone's, so a refused connect is not
+    // something to wait for).
     assert!(
-        wait_until(Duration::from_secs(3), || is_refused(local(l2))),
-        "removed listener 127.0.0.1:{l2} still accepts"
+        wait_until(scaled_secs(10), || !st.proxy.listens_on(l2)),
+        "removed listener {l2} is still open"
     );
     // Every live stream keeps flowing after the reload, including those of the removed listener.
     assert!(
@@ -804,15 +841,15 @@ fn invalid_reload_keeps_old_config_serving() {
     let echo = echo_server();
     let st = start_one_app("keep", true, &format!("targets = [\"{}\"]\n", echo.addr()));
     let admin = st.admin.expect("admin");
-    let addr = local(st.ports[0]);
+    let addr = st.addr(0);
     let mut live = connect(addr);
     assert_echo(&mut live, b"before");
     st.file.write("this is [not toml at all\n");
     sighup_and_wait(&st.proxy, "reload failed");
     // An unknown key is invalid too.
     st.file.write(&format!(
-        "[[app]]\nname = \"keep\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\"]\nbogus_key = 1\n",
-        st.ports[0],
+        "[[app]]\nname = \"keep\"\nlisten = [\"{}\"]\ntargets = [\"{}\"]\nbogus_key = 1\n",
+        any_port(1),
         echo.addr()
     ));
     sighup_and_wait(&st.proxy, "reload failed");
@@ -887,25 +924,30 @@ fn parse_access(line: &str) -> Option<Access> {
 fn access_log_lines_carry_byte_counts() {
     const REPLY: u64 = 5000;
     let (srv, _ev) = half_close_server_client_first(REPLY, 0x33);
-    let dead = free_port();
-    let st = start_cfg("toml", 2, 2, &["--access-log"], false, &|p| {
-        format!(
-            "[[app]]\nname = \"logged\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\"]\n\n\
-             [[app]]\nname = \"nowhere\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"127.0.0.1:{dead}\"]\n",
-            p[0],
+    let dead = dead_port();
+    let st = start_cfg(
+        "toml",
+        2,
+        &["--access-log"],
+        false,
+        &format!(
+            "[[app]]\nname = \"logged\"\nlisten = [\"{}\"]\ntargets = [\"{}\"]\n\n\
+             [[app]]\nname = \"nowhere\"\nlisten = [\"{}\"]\ntargets = [\"{}\"]\n",
+            any_port(1),
             srv.addr(),
-            p[1]
-        )
-    });
+            any_port(2),
+            dead.addr()
+        ),
+    );
     let mut expect = Vec::new();
     for (i, n) in [10u64, 2000, 70_000].into_iter().enumerate() {
-        let (c, got) = request_reply(local(st.ports[0]), i as u64, n);
+        let (c, got) = request_reply(st.app_addr("logged"), i as u64, n);
         assert_eq!(got, REPLY);
         expect.push((c.local_addr().expect("addr").to_string(), n));
     }
-    let mut d = connect(local(st.ports[1]));
+    let mut d = connect(st.app_addr("nowhere"));
     let dead_client = d.local_addr().expect("addr").to_string();
-    let _ = wait_closed(&mut d, Duration::from_secs(5));
+    assert_closed_empty(&mut d, "client of app 'nowhere' (dead target)");
     let lines = || -> Vec<String> {
         st.proxy
             .stderr_text()
@@ -915,7 +957,7 @@ fn access_log_lines_carry_byte_counts() {
             .collect()
     };
     assert!(
-        wait_until(Duration::from_secs(5), || lines().len() >= 4),
+        wait_until(scaled_secs(10), || lines().len() >= 4),
         "expected 4 access-log lines; stderr:\n{}",
         st.proxy.stderr_text()
     );
@@ -924,6 +966,7 @@ fn access_log_lines_carry_byte_counts() {
         .map(|l| parse_access(l).unwrap_or_else(|| panic!("unparsable access line: {l}")))
         .collect();
     assert_eq!(parsed.len(), 4, "{parsed:?}");
+    let max_ms = scaled_secs(10).as_millis();
     for a in &parsed {
         let b = a.start.as_bytes();
         assert!(
@@ -935,7 +978,7 @@ fn access_log_lines_carry_byte_counts() {
             "start time not RFC 3339 with ms: {a:?}"
         );
         assert!(
-            a.connect_ms <= a.duration_ms && a.duration_ms < 10_000,
+            a.connect_ms <= a.duration_ms && u128::from(a.duration_ms) < max_ms,
             "{a:?}"
         );
     }
@@ -970,27 +1013,31 @@ fn truncation_counter_zero_after_mixed_traffic() {
     let (cf, _e1) = half_close_server_client_first(300_000, 0x44);
     let (uf, _e2) = half_close_server_upstream_first(200_000, 0x55);
     let (src, _) = source_server(1 << 20, 0x66);
-    let st = start_cfg("toml", 4, 4, &[], true, &|p| {
-        format!(
-            "[[app]]\nname = \"echo\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\"]\n\n\
-             [[app]]\nname = \"cfirst\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\"]\n\n\
-             [[app]]\nname = \"ufirst\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\"]\n\n\
-             [[app]]\nname = \"source\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{}\"]\n",
-            p[0],
+    let st = start_cfg(
+        "toml",
+        4,
+        &[],
+        true,
+        &format!(
+            "[[app]]\nname = \"echo\"\nlisten = [\"{}\"]\ntargets = [\"{}\"]\n\n\
+             [[app]]\nname = \"cfirst\"\nlisten = [\"{}\"]\ntargets = [\"{}\"]\n\n\
+             [[app]]\nname = \"ufirst\"\nlisten = [\"{}\"]\ntargets = [\"{}\"]\n\n\
+             [[app]]\nname = \"source\"\nlisten = [\"{}\"]\ntargets = [\"{}\"]\n",
+            any_port(1),
             echo.addr(),
-            p[1],
+            any_port(2),
             cf.addr(),
-            p[2],
+            any_port(3),
             uf.addr(),
-            p[3],
+            any_port(4),
             src.addr()
-        )
-    });
+        ),
+    );
     let admin = st.admin.expect("admin");
     let mut conns = 0u64;
     // Echo of several sizes, then a clean half-close.
     for i in 0..5u64 {
-        let mut c = connect(local(st.ports[0]));
+        let mut c = connect(st.app_addr("echo"));
         for k in 0..4 {
             assert_echo(
                 &mut c,
@@ -998,23 +1045,23 @@ fn truncation_counter_zero_after_mixed_traffic() {
             );
         }
         c.shutdown(Shutdown::Write).expect("shutdown");
-        assert!(matches!(
-            wait_closed(&mut c, Duration::from_secs(5)),
-            Ok((Closed::Eof, 0))
-        ));
+        let end = wait_closed(&mut c, scaled_secs(10));
+        assert!(
+            matches!(end, Ok((Closed::Eof, 0))),
+            "echo pair ended with {end:?}"
+        );
         conns += 1;
     }
     // Client half-closes first, then the upstream answers.
     for i in 0..3u64 {
-        let (_c, got) = request_reply(local(st.ports[1]), i, 50_000 * (i + 1));
+        let (_c, got) = request_reply(st.app_addr("cfirst"), i, 50_000 * (i + 1));
         assert_eq!(got, 300_000);
         conns += 1;
     }
     // Upstream half-closes first, then the client sends and closes.
     for i in 0..3u64 {
-        let mut c = connect(local(st.ports[2]));
-        let (len, h) =
-            read_to_eof_hash(&mut c, Instant::now() + Duration::from_secs(10)).expect("read");
+        let mut c = connect(st.app_addr("ufirst"));
+        let (len, h) = read_to_eof_hash(&mut c, Instant::now() + scaled_secs(30)).expect("read");
         assert_eq!(len, 200_000);
         assert!(h == pattern_hash(0x55, 200_000));
         write_pattern(&mut c, i, 100_000).expect("write after upstream EOF");
@@ -1023,10 +1070,9 @@ fn truncation_counter_zero_after_mixed_traffic() {
     }
     // Downloads.
     for _ in 0..2 {
-        let mut c = connect(local(st.ports[3]));
+        let mut c = connect(st.app_addr("source"));
         c.shutdown(Shutdown::Write).expect("shutdown");
-        let (len, _) =
-            read_to_eof_hash(&mut c, Instant::now() + Duration::from_secs(10)).expect("read");
+        let (len, _) = read_to_eof_hash(&mut c, Instant::now() + scaled_secs(30)).expect("read");
         assert_eq!(len, 1 << 20);
         conns += 1;
     }

@@ -3,8 +3,9 @@
 //! per-app limits, and the seed-shaped JSON and pipe formats.
 //!
 //! Targets are "id servers": on accept they write one identifying byte, then echo. Config files
-//! cannot use port 0, so each test picks free ports, writes them in the file and retries the
-//! whole start when a port was taken in the meantime. Every wait has a deadline.
+//! listen on port 0 (`any_port`) and the tests read the bound ports from the proxy's log; dead
+//! targets, and targets that die and come back, are ports the test holds (`HeldPort`). Every
+//! wait has a (scaled) deadline.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -31,32 +32,24 @@ fn id_handler(mut s: TcpStream, id: u8) {
     echo_handler(s);
 }
 
-/// The same on a fixed address (a target coming back on its port); retries for up to 5 s.
-fn id_server_on(addr: SocketAddr, id: u8) -> Server {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match Server::try_start(addr, move |s, _| id_handler(s, id)) {
-            Ok(s) => return s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "rebind {addr}: {e}");
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
+/// The same on a held port (a target that can stop and come back on its port).
+fn id_server_held(held: &HeldPort, id: u8) -> Server {
+    Server::start_held(held, move |s, _| id_handler(s, id))
 }
 
-/// Stops `srv` and waits until its port refuses connections.
+/// Stops `srv` (on a held port, so nothing else can take it) and waits until its port
+/// refuses connections.
 fn kill_server(srv: Server) {
     let addr = srv.addr();
     drop(srv);
-    let gone = wait_until(Duration::from_secs(3), || is_refused(addr));
+    let gone = wait_until(scaled_secs(10), || is_refused(addr));
     assert!(gone, "server {addr} still accepts after being stopped");
 }
 
-/// Reads the target's id byte (within 5 s).
+/// Reads the target's id byte (within a scaled 10 s).
 fn read_id(s: &mut TcpStream) -> io::Result<u8> {
     let mut b = [0u8; 1];
-    read_exact_deadline(s, &mut b, Instant::now() + Duration::from_secs(5))?;
+    read_exact_deadline(s, &mut b, Instant::now() + scaled_secs(10))?;
     Ok(b[0])
 }
 
@@ -73,11 +66,11 @@ fn connect_from(src: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.bind(&SocketAddr::from((src, 0)).into())?;
-    s.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    s.connect_timeout(&to.into(), scaled_secs(10))?;
     let t: TcpStream = s.into();
     t.set_nodelay(true)?;
-    t.set_read_timeout(Some(IO_TIMEOUT))?;
-    t.set_write_timeout(Some(IO_TIMEOUT))?;
+    t.set_read_timeout(Some(io_timeout()))?;
+    t.set_write_timeout(Some(io_timeout()))?;
     Ok(t)
 }
 
@@ -110,38 +103,44 @@ fn two_apps_two_ports_route_to_their_own_targets() {
         id_server(b'b'),
         id_server(b'B'),
     );
-    let st = start_cfg("toml", 4, 4, &[], false, &|p| {
-        format!(
-            "[[app]]\nname = \"alpha\"\nlisten = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\ntargets = [{}]\n\n\
-             [[app]]\nname = \"beta\"\nlisten = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\ntargets = [{}]\n",
-            p[0],
-            p[1],
+    let st = start_cfg(
+        "toml",
+        4,
+        &[],
+        false,
+        &format!(
+            "[[app]]\nname = \"alpha\"\nlisten = [\"{}\", \"{}\"]\ntargets = [{}]\n\n\
+             [[app]]\nname = \"beta\"\nlisten = [\"{}\", \"{}\"]\ntargets = [{}]\n",
+            any_port(1),
+            any_port(2),
             quoted_targets(&[&a1, &a2]),
-            p[2],
-            p[3],
+            any_port(3),
+            any_port(4),
             quoted_targets(&[&b1, &b2])
-        )
-    });
+        ),
+    );
+    let (alpha, beta) = (st.app_addrs("alpha"), st.app_addrs("beta"));
+    assert_eq!((alpha.len(), beta.len()), (2, 2), "{:?}", st.listeners);
     let mut seen_alpha = Vec::new();
     let mut seen_beta = Vec::new();
     for round in 0..4 {
-        for (i, &port) in st.ports.iter().enumerate() {
-            let (_c, id) = connect_id(local(port));
-            if i < 2 {
-                assert!(
-                    id == b'a' || id == b'A',
-                    "alpha port {port} (round {round}) reached target {:?}",
-                    id as char
-                );
-                seen_alpha.push(id);
-            } else {
-                assert!(
-                    id == b'b' || id == b'B',
-                    "beta port {port} (round {round}) reached target {:?}",
-                    id as char
-                );
-                seen_beta.push(id);
-            }
+        for &addr in &alpha {
+            let (_c, id) = connect_id(addr);
+            assert!(
+                id == b'a' || id == b'A',
+                "alpha listener {addr} (round {round}) reached target {:?}",
+                id as char
+            );
+            seen_alpha.push(id);
+        }
+        for &addr in &beta {
+            let (_c, id) = connect_id(addr);
+            assert!(
+                id == b'b' || id == b'B',
+                "beta listener {addr} (round {round}) reached target {:?}",
+                id as char
+            );
+            seen_beta.push(id);
         }
     }
     for id in [b'a', b'A'] {
@@ -174,7 +173,7 @@ fn round_robin_is_exactly_even() {
     let mut counts = [0usize; 3];
     let mut order = Vec::new();
     for _ in 0..30 {
-        let (_c, id) = connect_id(local(st.ports[0]));
+        let (_c, id) = connect_id(st.addr(0));
         counts[id as usize] += 1;
         order.push(id);
     }
@@ -204,7 +203,7 @@ fn weights_one_to_three_respected() {
     let mut l = 0usize;
     let mut order = String::new();
     for n in 1..=ROTATIONS * 4 {
-        let (_c, id) = connect_id(local(st.ports[0]));
+        let (_c, id) = connect_id(st.addr(0));
         order.push(id as char);
         if id == b'L' {
             l += 1;
@@ -230,7 +229,7 @@ fn least_conn_picks_target_with_fewest_live_pairs() {
     let t = [id_server(b'A'), id_server(b'B'), id_server(b'C')];
     let st = start_balanced("lc", "least-conn", &t, true);
     let admin = st.admin.expect("admin address");
-    let addr = local(st.ports[0]);
+    let addr = st.addr(0);
     let names: Vec<String> = t.iter().map(|s| s.addr().to_string()).collect();
     let active = |i: usize| {
         metric(
@@ -258,7 +257,7 @@ fn least_conn_picks_target_with_fewest_live_pairs() {
         _ => true,
     });
     assert!(
-        wait_until(Duration::from_secs(5), || active(0) == 2.0
+        wait_until(scaled_secs(10), || active(0) == 2.0
             && active(1) == 1.0
             && active(2) == 0.0),
         "proxy never saw 2/1/0 live pairs on A/B/C: {} {} {}",
@@ -289,16 +288,17 @@ fn least_conn_picks_target_with_fewest_live_pairs() {
 #[test]
 fn source_hash_stable_and_moves_only_removed_targets_clients() {
     let t = [id_server(0), id_server(1), id_server(2), id_server(3)];
-    let app = |port: u16, targets: &[&Server]| {
+    // The listener keeps its configured address (`127.0.0.1:0`) across the reload, so the
+    // proxy keeps the bound socket and its port.
+    let app = |targets: &[&Server]| {
         format!(
-            "[[app]]\nname = \"sh\"\nlisten = [\"127.0.0.1:{port}\"]\nbalance = \"source-hash\"\ntargets = [{}]\n",
+            "[[app]]\nname = \"sh\"\nlisten = [\"{}\"]\nbalance = \"source-hash\"\ntargets = [{}]\n",
+            any_port(1),
             quoted_targets(targets)
         )
     };
-    let st = start_cfg("toml", 1, 1, &[], false, &|p| {
-        app(p[0], &[&t[0], &t[1], &t[2], &t[3]])
-    });
-    let addr = local(st.ports[0]);
+    let st = start_cfg("toml", 1, &[], false, &app(&[&t[0], &t[1], &t[2], &t[3]]));
+    let addr = st.addr(0);
     let clients: Vec<Ipv4Addr> = (2..=33).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
     let pick = |src: Ipv4Addr| -> u8 {
         let mut c = connect_from(src, addr).unwrap_or_else(|e| panic!("connect from {src}: {e}"));
@@ -332,17 +332,9 @@ fn source_hash_stable_and_moves_only_removed_targets_clients() {
         .find(|&i| per[i] > 0)
         .expect("some target has clients");
     let remaining: Vec<&Server> = (0..4).filter(|&i| i != removed).map(|i| &t[i]).collect();
-    st.file.write(&app(st.ports[0], &remaining));
-    let n = st.proxy.stderr_line_count();
-    send_signal(st.proxy.pid(), libc::SIGHUP).expect("SIGHUP");
-    assert!(
-        st.proxy.wait_stderr_lines_above(n, Duration::from_secs(5))
-            && st
-                .proxy
-                .wait_stderr_contains("configuration reloaded", Duration::from_secs(5)),
-        "reload not logged; stderr:\n{}",
-        st.proxy.stderr_text()
-    );
+    for l in st.reload(&app(&remaining)) {
+        assert_eq!(l, st.listeners[0], "the kept listener moved in the reload");
+    }
     let mut moved_wrongly = Vec::new();
     for (k, &src) in clients.iter().enumerate() {
         let now = pick(src);
@@ -369,24 +361,25 @@ fn source_hash_stable_and_moves_only_removed_targets_clients() {
 #[test]
 fn one_dead_target_of_three_all_300_succeed() {
     let (a, b) = (id_server(b'a'), id_server(b'b'));
-    let dead = free_port();
+    let dead = dead_port();
     let st = start_one_app(
         "fo",
         false,
         &format!(
-            "targets = [\"{}\", \"127.0.0.1:{dead}\", \"{}\"]\n",
+            "targets = [\"{}\", \"{}\", \"{}\"]\n",
             a.addr(),
+            dead.addr(),
             b.addr()
         ),
     );
-    let addr = local(st.ports[0]);
+    let addr = st.addr(0);
     let mut ok = 0;
     let mut failures = Vec::new();
     for i in 0..300 {
         let r = (|| -> io::Result<u8> {
-            let mut c = try_connect(addr, Duration::from_secs(5))?;
+            let mut c = try_connect(addr, scaled_secs(10))?;
             let id = read_id(&mut c)?;
-            let back = roundtrip(&mut c, b"x", Duration::from_secs(5))?;
+            let back = roundtrip(&mut c, b"x", scaled_secs(10))?;
             if back != b"x" {
                 return Err(io::Error::other("echo differs"));
             }
@@ -409,20 +402,26 @@ fn one_dead_target_of_three_all_300_succeed() {
 
 #[test]
 fn all_targets_refuse_client_closed_promptly() {
-    let (d1, d2) = (free_port(), free_port());
+    let (d1, d2) = (dead_port(), dead_port());
     let st = start_one_app(
         "dead",
         false,
-        &format!("connect_timeout = \"2s\"\ntargets = [\"127.0.0.1:{d1}\", \"127.0.0.1:{d2}\"]\n"),
+        &format!(
+            "connect_timeout = \"2s\"\ntargets = [\"{}\", \"{}\"]\n",
+            d1.addr(),
+            d2.addr()
+        ),
     );
-    let addr = local(st.ports[0]);
+    let addr = st.addr(0);
+    // Refused connects fail at once; the bound only allows for a loaded machine.
+    let within = scaled_secs(10);
     for i in 0..5 {
         let mut c = connect(addr);
         let t0 = Instant::now();
-        match wait_closed(&mut c, Duration::from_secs(3)) {
+        match wait_closed(&mut c, within) {
             Ok((_, 0)) => {}
             Ok((how, n)) => panic!("client {i}: got {n} bytes before {how:?}"),
-            Err(_) => panic!("client {i} still open 3 s (connect_timeout + 1 s) later"),
+            Err(_) => panic!("client {i} still open {within:?} later"),
         }
         println!("all refused: client {i} closed after {:?}", t0.elapsed());
     }
@@ -455,8 +454,13 @@ fn blackhole() -> Blackhole {
     let mut fillers = Vec::new();
     for i in 0..16 {
         // The first handshake always completes (it fills the queue); give it time under load.
-        let t = if i == 0 { 3000 } else { 300 };
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(t)) {
+        // The next one is expected to time out (its SYN is dropped).
+        let t = if i == 0 {
+            scaled_secs(10)
+        } else {
+            scaled(Duration::from_secs(1))
+        };
+        match TcpStream::connect_timeout(&addr, t) {
             Ok(s) => fillers.push(s),
             Err(_) => {
                 return Blackhole {
@@ -478,19 +482,22 @@ fn all_targets_silent_closed_within_connect_timeout() {
         true,
         &format!("connect_timeout = \"300ms\"\ntargets = [\"{}\"]\n", bh.addr),
     );
-    let addr = local(st.ports[0]);
+    let addr = st.addr(0);
     let clients: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
     let t0 = Instant::now();
+    // connect_timeout plus slack for a loaded machine: still far below the kernel's own SYN
+    // timeout (over a minute), which is what a missing connect timeout would wait for.
+    let within = Duration::from_millis(300) + scaled_secs(5);
     let handles: Vec<_> = clients
         .into_iter()
-        .map(|mut c| thread::spawn(move || wait_closed(&mut c, Duration::from_millis(1300))))
+        .map(|mut c| thread::spawn(move || wait_closed(&mut c, within)))
         .collect();
     for (i, h) in handles.into_iter().enumerate() {
         match h.join().expect("waiter") {
             Ok((_, 0)) => {}
             Ok((how, n)) => panic!("client {i}: got {n} bytes before {how:?}"),
             Err(_) => {
-                panic!("client {i} still open 1.3 s after connecting (connect_timeout 300ms)")
+                panic!("client {i} still open {within:?} after connecting (connect_timeout 300ms)")
             }
         }
     }
@@ -518,7 +525,7 @@ fn all_targets_silent_closed_within_connect_timeout() {
         )
     };
     assert!(
-        wait_until(Duration::from_secs(2), || nb() == Some(3.0)),
+        wait_until(scaled_secs(10), || nb() == Some(3.0)),
         "no_backend closes: {:?}, want 3",
         nb()
     );
@@ -531,10 +538,11 @@ fn all_targets_silent_closed_within_connect_timeout() {
 
 /// Starts app `app` (one port, admin on) with id targets `a` and `b` and the `[app.health]`
 /// settings `health`; checks that b starts up, then stops it. Returns the proxy, target a
-/// (keep it alive) and b's address.
-fn start_health_app_and_stop_b(app: &str, health: &str) -> (Started, Server, SocketAddr) {
+/// (keep it alive) and b's port, held so that b can come back on it.
+fn start_health_app_and_stop_b(app: &str, health: &str) -> (Started, Server, HeldPort) {
     let a = id_server(b'a');
-    let b = id_server(b'b');
+    let b_port = HeldPort::new();
+    let b = id_server_held(&b_port, b'b');
     let b_addr = b.addr();
     let st = start_one_app(
         app,
@@ -551,7 +559,7 @@ fn start_health_app_and_stop_b(app: &str, health: &str) -> (Started, Server, Soc
         "target b should start up"
     );
     kill_server(b);
-    (st, a, b_addr)
+    (st, a, b_port)
 }
 
 /// `epoxy_target_up` of `target` in `app`.
@@ -574,9 +582,16 @@ fn expect_log(p: &ProxyHandle, needle: &str, timeout: Duration) {
 
 #[test]
 fn passive_health_marks_down_after_fall_and_recovers() {
-    let (st, _a, b_addr) = start_health_app_and_stop_b("pas", "fall = 3\ndown_time = \"3s\"\n");
+    // While down, b must read as down: give the test (scaled) 5 s for that before b is
+    // retried on its own.
+    let down_time = scaled_secs(5);
+    let (st, _a, b_port) = start_health_app_and_stop_b(
+        "pas",
+        &format!("fall = 3\ndown_time = \"{}ms\"\n", down_time.as_millis()),
+    );
+    let b_addr = b_port.addr();
     let admin = st.admin.expect("admin");
-    let addr = local(st.ports[0]);
+    let addr = st.addr(0);
     let b_name = b_addr.to_string();
     let up = || target_up(admin, "pas", &b_name);
     // Every client still succeeds (failover to a) while b's failures add up.
@@ -587,7 +602,7 @@ fn passive_health_marks_down_after_fall_and_recovers() {
     expect_log(
         &st.proxy,
         &format!("target {b_name} is DOWN"),
-        Duration::from_secs(2),
+        scaled_secs(10),
     );
     assert_eq!(up(), Some(0.0), "epoxy_target_up of b while down");
     let refused = metric(
@@ -600,12 +615,13 @@ fn passive_health_marks_down_after_fall_and_recovers() {
         "refused connects of b: {refused:?}"
     );
     // b comes back on its port; after down_time it is tried again and serves.
-    let b2 = id_server_on(b_addr, b'b');
+    let b2 = id_server_held(&b_port, b'b');
+    let within = down_time + scaled_secs(10);
     assert!(
-        wait_until(Duration::from_secs(6), || up() == Some(1.0)),
-        "b not up again 6 s after its return (down_time 3s)"
+        wait_until(within, || up() == Some(1.0)),
+        "b not up again {within:?} after its return (down_time {down_time:?})"
     );
-    let reached_b = wait_until(Duration::from_secs(5), || connect_id(addr).1 == b'b');
+    let reached_b = wait_until(scaled_secs(10), || connect_id(addr).1 == b'b');
     assert!(reached_b, "no connection reached b after it came back");
     assert!(b2.accepted() >= 1);
     exit_cleanly(st.proxy);
@@ -613,30 +629,37 @@ fn passive_health_marks_down_after_fall_and_recovers() {
 
 #[test]
 fn active_health_down_and_up_by_probes() {
-    let (st, _a, b_addr) = start_health_app_and_stop_b(
+    // A refused probe fails at once whatever the timeout; a generous probe timeout keeps a
+    // loaded machine from failing probes of the live target (two in a row would mark it
+    // DOWN a second time).
+    let (st, _a, b_port) = start_health_app_and_stop_b(
         "act",
-        "interval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n",
+        &format!(
+            "interval = \"200ms\"\ntimeout = \"{}ms\"\nrise = 2\nfall = 2\n",
+            scaled_secs(2).as_millis()
+        ),
     );
+    let b_addr = b_port.addr();
     let t0 = Instant::now();
     let admin = st.admin.expect("admin");
-    let addr = local(st.ports[0]);
+    let addr = st.addr(0);
     let b_name = b_addr.to_string();
     let up = || target_up(admin, "act", &b_name);
     // No client traffic: only the probes can notice.
     let down_line = format!("target {b_name} is DOWN");
-    expect_log(&st.proxy, &down_line, Duration::from_secs(3));
+    expect_log(&st.proxy, &down_line, scaled_secs(10));
     println!("active health: DOWN after {:?}", t0.elapsed());
     assert_eq!(up(), Some(0.0), "epoxy_target_up of b while down");
     for i in 0..6 {
         let (_c, id) = connect_id(addr);
         assert_eq!(id, b'a', "connection {i} went to the down target");
     }
-    let b2 = id_server_on(b_addr, b'b');
+    let b2 = id_server_held(&b_port, b'b');
     let t1 = Instant::now();
     expect_log(
         &st.proxy,
         &format!("target {b_name} is UP"),
-        Duration::from_secs(3),
+        scaled_secs(10),
     );
     println!("active health: UP after {:?}", t1.elapsed());
     assert_eq!(up(), Some(1.0), "epoxy_target_up of b after rise");
@@ -661,25 +684,30 @@ fn active_health_down_and_up_by_probes() {
 #[test]
 fn per_app_limit_refuses_eleventh_while_other_app_serves() {
     let echo = echo_server();
-    let st = start_cfg("toml", 2, 2, &[], false, &|p| {
-        format!(
-            "[[app]]\nname = \"lim\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{e}\"]\nmax_conns = 10\n\n\
-             [[app]]\nname = \"free\"\nlisten = [\"127.0.0.1:{}\"]\ntargets = [\"{e}\"]\n",
-            p[0],
-            p[1],
+    let st = start_cfg(
+        "toml",
+        2,
+        &[],
+        false,
+        &format!(
+            "[[app]]\nname = \"lim\"\nlisten = [\"{}\"]\ntargets = [\"{e}\"]\nmax_conns = 10\n\n\
+             [[app]]\nname = \"free\"\nlisten = [\"{}\"]\ntargets = [\"{e}\"]\n",
+            any_port(1),
+            any_port(2),
             e = echo.addr()
-        )
-    });
-    let lim = local(st.ports[0]);
-    let free = local(st.ports[1]);
+        ),
+    );
+    let lim = st.app_addr("lim");
+    let free = st.app_addr("free");
     let mut held: Vec<TcpStream> = Vec::new();
     for i in 0..10 {
         let mut c = connect(lim);
         assert_echo(&mut c, format!("conn {i}").as_bytes());
         held.push(c);
     }
-    // The 11th: the TCP handshake may complete in the kernel, but no echo may come back.
-    let eleventh = try_connect(lim, Duration::from_secs(2));
+    // The 11th: the TCP handshake may complete in the kernel, but no echo may come back
+    // (within 1 s: a "not served" check, which slowness cannot fail).
+    let eleventh = try_connect(lim, scaled_secs(5));
     let mut pending = match eleventh {
         Ok(mut c) => {
             let _ = c.write_all(b"eleventh");
@@ -703,16 +731,15 @@ fn per_app_limit_refuses_eleventh_while_other_app_serves() {
     // Below the limit again, 'lim' accepts again (a queued 11th is served then).
     held.clear();
     if let Some(c) = pending.as_mut() {
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 8];
-        match read_exact_deadline(c, &mut buf, Instant::now() + Duration::from_secs(5)) {
+        match read_exact_deadline(c, &mut buf, Instant::now() + scaled_secs(10)) {
             Ok(()) => assert_eq!(&buf, b"eleventh"),
             Err(e) => println!("note: the queued 11th was not served after the limit cleared: {e}"),
         }
     }
-    let ok = wait_until(Duration::from_secs(5), || {
-        try_connect(lim, Duration::from_secs(1))
-            .and_then(|mut c| roundtrip(&mut c, b"again", Duration::from_millis(500)))
+    let ok = wait_until(scaled_secs(10), || {
+        try_connect(lim, scaled_secs(2))
+            .and_then(|mut c| roundtrip(&mut c, b"again", scaled_secs(2)))
             .is_ok()
     });
     assert!(ok, "app 'lim' does not accept again after its pairs closed");
@@ -744,26 +771,30 @@ fn id_server_dual(id: u8) -> (Server, Option<Server>) {
 fn seed_json_file_routes_traffic() {
     let (t1, t2) = (id_server(1), id_server(2));
     let (t3, _t3v6) = id_server_dual(3);
-    let st = start_cfg("json", 3, 3, &[], false, &|p| {
-        format!(
-            "{{\n  \"Apps\": [\n    {{\n      \"Name\": \"five-thousand\",\n      \"Ports\": [{}, {}],\n      \
+    // Seed files give ports only (0 = any free port, on 0.0.0.0).
+    let st = start_cfg(
+        "json",
+        3,
+        &[],
+        false,
+        &format!(
+            "{{\n  \"Apps\": [\n    {{\n      \"Name\": \"five-thousand\",\n      \"Ports\": [0, 0],\n      \
              \"Targets\": [\"{}\", \"{}\"]\n    }},\n    {{\n      \"Name\": \"six-thousand\",\n      \
-             \"Ports\": [{}],\n      \"Targets\": [\"localhost:{}\"]\n    }}\n  ]\n}}\n",
-            p[0],
-            p[1],
+             \"Ports\": [0],\n      \"Targets\": [\"localhost:{}\"]\n    }}\n  ]\n}}\n",
             t1.addr(),
             t2.addr(),
-            p[2],
             t3.addr().port()
-        )
-    });
+        ),
+    );
+    let five = st.app_addrs("five-thousand");
+    assert_eq!(five.len(), 2, "{:?}", st.listeners);
     let mut first = Vec::new();
-    for &port in &st.ports[..2] {
+    for &addr in &five {
         for _ in 0..2 {
-            let (_c, id) = connect_id(local(port));
+            let (_c, id) = connect_id(addr);
             assert!(
                 id == 1 || id == 2,
-                "five-thousand port {port} reached target {id}"
+                "five-thousand listener {addr} reached target {id}"
             );
             first.push(id);
         }
@@ -773,7 +804,7 @@ fn seed_json_file_routes_traffic() {
         "both targets used: {first:?}"
     );
     for _ in 0..2 {
-        let (_c, id) = connect_id(local(st.ports[2]));
+        let (_c, id) = connect_id(st.app_addr("six-thousand"));
         assert_eq!(id, 3, "six-thousand reached target {id}");
     }
     exit_cleanly(st.proxy);
@@ -783,20 +814,33 @@ fn seed_json_file_routes_traffic() {
 fn seed_pipe_conf_file_routes_traffic() {
     let t1 = id_server(1);
     let (t2, _t2v6) = id_server_dual(2);
-    let st = start_cfg("conf", 2, 2, &[], false, &|p| {
-        format!(
+    // The pipe format names local ports 1..=65535 (no port 0), so this test holds two ports
+    // for its whole life (`HeldPort`: bound with SO_REUSEPORT, never listening) and lets the
+    // proxy listen on them beside the holders: with `--workers 2` the proxy binds with
+    // SO_REUSEPORT too, which the kernel allows for sockets of the same user. The ports are
+    // never free while the test runs, so nothing else can take them between our bind and
+    // the proxy's; the holders do not listen, so every connection goes to the proxy.
+    let (l1, l2) = (HeldPort::new(), HeldPort::new());
+    let st = start_cfg(
+        "conf",
+        2,
+        &["--workers", "2"],
+        false,
+        &format!(
             "# forwarder rules\n\n{} | 127.0.0.1 | {}\n{} | localhost | {}    # by name\n",
-            p[0],
+            l1.addr().port(),
             t1.addr().port(),
-            p[1],
+            l2.addr().port(),
             t2.addr().port()
-        )
-    });
+        ),
+    );
+    assert_eq!(st.addr(0).port(), l1.addr().port());
+    assert_eq!(st.addr(1).port(), l2.addr().port());
     for _ in 0..2 {
-        let (_c, id) = connect_id(local(st.ports[0]));
-        assert_eq!(id, 1, "port {} reached target {id}", st.ports[0]);
-        let (_c, id) = connect_id(local(st.ports[1]));
-        assert_eq!(id, 2, "port {} reached target {id}", st.ports[1]);
+        let (_c, id) = connect_id(st.addr(0));
+        assert_eq!(id, 1, "listener {} reached target {id}", st.addr(0));
+        let (_c, id) = connect_id(st.addr(1));
+        assert_eq!(id, 2, "listener {} reached target {id}", st.addr(1));
     }
     exit_cleanly(st.proxy);
 }

@@ -46,16 +46,16 @@ fn echo_hash_check(addr: SocketAddr, seed: u64, len: u64) {
     });
     let mut r = c;
     let (got, hash) =
-        read_to_eof_hash(&mut r, Instant::now() + Duration::from_secs(30)).expect("read echo");
+        read_to_eof_hash(&mut r, Instant::now() + scaled_secs(60)).expect("read echo");
     let sent = writer.join().expect("writer").expect("write");
     assert_eq!(got, len, "echoed {got} of {len} bytes");
     assert!(hash == sent, "echoed bytes differ");
 }
 
-/// Waits up to 5 s for a half-close server to read to a clean EOF; asserts it received
+/// Waits (scaled 10 s) for a half-close server to read to a clean EOF; asserts it received
 /// `want` bytes hashing to `sent`.
 fn expect_upstream_received(events: &Receiver<(Instant, Event)>, want: u64, sent: Hash) {
-    match wait_event(events, Duration::from_secs(5), |e| {
+    match wait_event(events, scaled_secs(10), |e| {
         matches!(e, Event::RecvHash(..) | Event::ReadEnded(..))
     }) {
         Some((_, Event::RecvHash(len, h))) => {
@@ -77,8 +77,7 @@ fn half_close_client_first_check(extra: &[&str]) {
     let sent = write_pattern(&mut c, 0xA1, REQ).expect("write request");
     c.shutdown(Shutdown::Write).expect("shutdown(Write)");
     expect_upstream_received(&events, REQ, sent);
-    let (len, h) =
-        read_to_eof_hash(&mut c, Instant::now() + Duration::from_secs(10)).expect("read reply");
+    let (len, h) = read_to_eof_hash(&mut c, Instant::now() + scaled_secs(30)).expect("read reply");
     assert_eq!(len, REPLY, "client got {len} of {REPLY} reply bytes");
     assert!(h == pattern_hash(0xA2, REPLY), "reply bytes differ");
     let text = exit_cleanly(proxy);
@@ -96,8 +95,7 @@ fn half_close_upstream_first_check(extra: &[&str]) {
     let (srv, events) = half_close_server_upstream_first(FIRST, 0xB2);
     let proxy = spawn_proxy_to(srv.addr(), extra);
     let mut c = connect(proxy.addr());
-    let (len, h) =
-        read_to_eof_hash(&mut c, Instant::now() + Duration::from_secs(10)).expect("read");
+    let (len, h) = read_to_eof_hash(&mut c, Instant::now() + scaled_secs(30)).expect("read");
     assert_eq!(len, FIRST);
     assert!(h == pattern_hash(0xB2, FIRST), "bytes before EOF differ");
     let sent = write_pattern(&mut c, 0xB1, AFTER).expect("write after upstream EOF");
@@ -115,7 +113,7 @@ fn workers2_echo_1mib_sha256() {
     let echo = echo_server();
     let proxy = spawn_proxy_to(echo.addr(), &["--workers", "2"]);
     assert!(
-        proxy.wait_stderr_contains("2 worker(s)", Duration::from_secs(5)),
+        proxy.wait_stderr_contains("2 worker(s)", startup_timeout()),
         "not started with 2 workers; stderr:\n{}",
         proxy.stderr_text()
     );
@@ -175,7 +173,7 @@ fn workers_auto_starts_and_serves() {
     let echo = echo_server();
     let proxy = spawn_proxy_to(echo.addr(), &["--workers", "auto"]);
     let ncpu = thread::available_parallelism().map_or(1, |n| n.get());
-    let started = proxy.wait_stderr_contains("worker(s)", Duration::from_secs(5));
+    let started = proxy.wait_stderr_contains("worker(s)", startup_timeout());
     let text = proxy.stderr_text();
     assert!(started, "no start line:\n{text}");
     assert!(
@@ -199,7 +197,7 @@ fn invalid_cpu_pin_exits_2_with_message() {
     let echo = echo_server();
     let (st, err) = run_proxy_to_exit(
         &proxy_args(echo.addr(), &["--cpu-pin", "999"]),
-        Duration::from_secs(10),
+        scaled_secs(10),
     );
     assert_eq!(
         st.and_then(|s| s.code()),
@@ -211,7 +209,7 @@ fn invalid_cpu_pin_exits_2_with_message() {
     for bad in ["abc", "1-", "0,,x", "-3"] {
         let (st, err) = run_proxy_to_exit(
             &proxy_args(echo.addr(), &[&format!("--cpu-pin={bad}")]),
-            Duration::from_secs(10),
+            scaled_secs(10),
         );
         assert_eq!(
             st.and_then(|s| s.code()),
@@ -275,21 +273,26 @@ fn splice_1gib_each_direction_sha256() {
     let ws = watcher_stop.clone();
     let watcher = thread::spawn(move || {
         let mut max = 0;
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Sample (paced by the sleep) until the transfer ends or pipes were seen: the check
+        // below needs one sample taken while bytes flow.
+        let deadline = Instant::now() + scaled_secs(60);
         while !ws.load(Ordering::SeqCst) && Instant::now() < deadline {
             max = max.max(pipe_fds(pid));
+            if max >= pipes_before + 2 {
+                break;
+            }
             thread::sleep(Duration::from_millis(50));
         }
         max
     });
     let mut r = c;
-    let got = read_to_eof_hash(&mut r, Instant::now() + Duration::from_secs(120));
+    let got = read_to_eof_hash(&mut r, Instant::now() + scaled_secs(180));
     watcher_stop.store(true, Ordering::SeqCst);
     pipes_during = pipes_during.max(watcher.join().expect("watcher"));
     let (len, hash) = got.expect("client read");
     let sent = writer.join().expect("writer").expect("client write");
     let rep = reports
-        .recv_timeout(Duration::from_secs(60))
+        .recv_timeout(scaled_secs(60))
         .expect("server report");
     let secs = t0.elapsed().as_secs_f64();
     println!(
@@ -311,7 +314,7 @@ fn splice_1gib_each_direction_sha256() {
         "no splice pipes seen in the proxy during the transfer ({pipes_before} -> {pipes_during})"
     );
     proxy.sigterm();
-    let st = proxy.wait_exit(Duration::from_secs(10));
+    let st = proxy.wait_exit(scaled_secs(15));
     let text = proxy.stderr_text();
     assert!(st.is_some_and(|s| s.success()), "exit {st:?}:\n{text}");
     assert_eq!(summary_value(&text, "bytes_client_to_upstream"), Some(GIB));
@@ -357,7 +360,7 @@ impl HoldServer {
                 if stop2.load(Ordering::SeqCst) {
                     break;
                 }
-                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = s.set_read_timeout(Some(scaled_secs(10)));
                 let mut b = [0u8; 1];
                 if s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {
                     held2.lock().unwrap_or_else(|e| e.into_inner()).push(s);
@@ -371,7 +374,7 @@ impl HoldServer {
 impl Drop for HoldServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(500));
+        let _ = TcpStream::connect_timeout(&self.addr, scaled_secs(5));
         self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
@@ -386,17 +389,19 @@ fn idle_pairs_rss_growth_per_pair_small() {
         let mut c = connect(addr);
         c.write_all(&[7]).expect("write 1 byte");
         let mut b = [0u8; 1];
-        read_exact_deadline(&mut c, &mut b, Instant::now() + Duration::from_secs(10))
-            .expect("1 byte back");
+        read_exact_deadline(&mut c, &mut b, Instant::now() + scaled_secs(10)).expect("1 byte back");
         c
     };
     // Warm-up: one pair through the whole path, closed.
     drop(open_one());
-    assert!(wait_until(Duration::from_secs(5), || srv
-        .held
-        .lock()
-        .map(|h| h.len() == 1)
-        .unwrap_or(false)));
+    assert!(
+        wait_until(scaled_secs(10), || srv
+            .held
+            .lock()
+            .map(|h| h.len() == 1)
+            .unwrap_or(false)),
+        "the warm-up pair did not reach the hold server"
+    );
     let before = proxy.rss_kib();
     let mut clients = Vec::with_capacity(PAIRS);
     for _ in 0..PAIRS {

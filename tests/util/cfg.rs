@@ -1,6 +1,6 @@
 //! Helpers shared by the feature tests (routing, observe, scale): proxies started from config
-//! files with free ports written in them, the admin endpoint (address from the log, HTTP GET,
-//! Prometheus text samples) and a clean SIGTERM exit.
+//! files whose listeners bind port 0 (addresses read back from the log), reloads, the admin
+//! endpoint (address from the log, HTTP GET, Prometheus text samples) and a clean SIGTERM exit.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -10,7 +10,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{PROXY_BIN, ProxyHandle, STARTUP_TIMEOUT, assert_no_panic, free_port, spawn_proxy_to};
+use super::{
+    Listener, PROXY_BIN, ProxyHandle, assert_no_panic, proc_listen_addrs, scaled_secs, send_signal,
+    spawn_proxy_to, startup_timeout,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Config files and proxies started from them
@@ -51,90 +54,194 @@ impl Drop for TempFile {
     }
 }
 
-/// A proxy started from a config file with free ports written in it.
+/// The `listen` entry for the `n`-th listener (n >= 1) of a config file: `"127.0.0.N:0"`,
+/// any free port on its own loopback address.
+///
+/// Why not `127.0.0.1:0` for all: the proxy resolves a port-0 entry *by its configured
+/// address* when it logs its listeners and when a reload decides which listeners to keep, so
+/// several entries spelled `127.0.0.1:0` all log the first one's port, and a reload that adds
+/// another `127.0.0.1:0` keeps an old listener instead of binding a new one. Distinct
+/// configured addresses keep every listener apart (the whole 127/8 is loopback on Linux).
+pub fn any_port(n: u8) -> String {
+    assert!(n >= 1, "listener numbers start at 1");
+    format!("127.0.0.{n}:0")
+}
+
+/// 127.0.0.1:`port`.
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A proxy started from a config file, with the listeners it logged (config order).
 pub struct Started {
     pub proxy: ProxyHandle,
     pub file: TempFile,
-    pub ports: Vec<u16>,
+    pub listeners: Vec<Listener>,
     pub admin: Option<SocketAddr>,
 }
 
-/// `nports` distinct ports that were free a moment ago.
-pub fn free_ports(nports: usize) -> Vec<u16> {
-    let mut v: Vec<u16> = Vec::with_capacity(nports);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while v.len() < nports {
-        assert!(Instant::now() < deadline, "cannot find free ports");
-        let p = free_port();
-        if !v.contains(&p) {
-            v.push(p);
-        }
+impl Started {
+    /// The `i`-th listener (config order), connectable.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.listeners
+            .get(i)
+            .unwrap_or_else(|| panic!("no listener #{i}: {:?}", self.listeners))
+            .connect_addr()
     }
-    v
+
+    /// Every listener of app `app` (config order), connectable.
+    pub fn app_addrs(&self, app: &str) -> Vec<SocketAddr> {
+        let v: Vec<SocketAddr> = self
+            .listeners
+            .iter()
+            .filter(|l| l.app == app)
+            .map(Listener::connect_addr)
+            .collect();
+        assert!(
+            !v.is_empty(),
+            "app '{app}' logged no listener: {:?}",
+            self.listeners
+        );
+        v
+    }
+
+    /// The (first) listener of app `app`, connectable.
+    pub fn app_addr(&self, app: &str) -> SocketAddr {
+        self.app_addrs(app)[0]
+    }
+
+    /// Writes `contents` to the config file, sends SIGHUP and waits for `configuration
+    /// reloaded`; returns the listening lines this reload logged (its new listeners; all of
+    /// them when it added none). Panics if the reload fails or is not logged in time.
+    pub fn reload(&self, contents: &str) -> Vec<Listener> {
+        self.file.write(contents);
+        let from = self.proxy.stderr_line_count();
+        send_signal(self.proxy.pid(), libc::SIGHUP).expect("SIGHUP");
+        let timeout = scaled_secs(10);
+        let ok = self.proxy.wait_stderr_lines_matching(from, timeout, |l| {
+            l.contains("configuration reloaded") || l.contains("reload failed")
+        });
+        let text = self.proxy.stderr_text();
+        assert!(
+            ok,
+            "no reload logged within {timeout:?} of SIGHUP; stderr:\n{text}"
+        );
+        let lines = self.proxy.stderr_lines_since(from);
+        assert!(
+            !lines.iter().any(|l| l.contains("reload failed")),
+            "reload failed; stderr:\n{text}"
+        );
+        // Lines of one reload come from one thread, in order: stop at its end.
+        let end = lines
+            .iter()
+            .position(|l| l.contains("configuration reloaded"))
+            .expect("reload line");
+        lines[..end]
+            .iter()
+            .filter_map(|l| super::parse_listener(l))
+            .collect()
+    }
 }
 
-/// Starts `proxy -c FILE` (extension `ext`, contents `make(ports)`) plus `extra` flags and,
-/// when `admin`, `--admin 127.0.0.1:0`. Waits for `listeners` listening lines (and the admin
-/// line). Retries with new ports when a port was taken meanwhile.
+/// Starts `proxy -c FILE` (extension `ext`, `contents`) plus `extra` flags and, when `admin`,
+/// `--admin 127.0.0.1:0`. Waits for `listeners` listening lines (and the admin line). The
+/// file's listeners should bind port 0 (`any_port`), so nothing can take them meanwhile.
 pub fn start_cfg(
     ext: &str,
-    nports: usize,
     listeners: usize,
     extra: &[&str],
     admin: bool,
-    make: &dyn Fn(&[u16]) -> String,
+    contents: &str,
 ) -> Started {
-    let mut last_err = String::new();
-    for _attempt in 0..5 {
-        let ports = free_ports(nports);
-        let file = TempFile::new(ext, &make(&ports));
-        let mut cmd = Command::new(PROXY_BIN);
-        cmd.arg("-c").arg(file.path()).args(extra);
-        if admin {
-            cmd.args(["--admin", "127.0.0.1:0"]);
+    let file = TempFile::new(ext, contents);
+    let mut cmd = Command::new(PROXY_BIN);
+    cmd.arg("-c").arg(file.path()).args(extra);
+    if admin {
+        cmd.args(["--admin", "127.0.0.1:0"]);
+    }
+    let mut h = ProxyHandle::spawn_raw(cmd);
+    let timeout = startup_timeout();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let admin_addr = admin_addr_of(&h.stderr_text());
+        let found = h.listeners_since(0);
+        if found.len() >= listeners && (!admin || admin_addr.is_some()) {
+            let found = resolve_duplicates(&h, found, admin_addr);
+            return Started {
+                proxy: h,
+                file,
+                listeners: found,
+                admin: admin_addr,
+            };
         }
-        let mut h = ProxyHandle::spawn_raw(cmd);
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            let text = h.stderr_text();
-            let admin_addr = admin_addr_of(&text);
-            if h.addrs().len() >= listeners && (!admin || admin_addr.is_some()) {
-                return Started {
-                    proxy: h,
-                    file,
-                    ports,
-                    admin: admin_addr,
-                };
-            }
-            if h.has_exited() {
-                let _ = h.wait_exit(Duration::from_secs(2));
-                last_err = h.stderr_text();
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not start within {STARTUP_TIMEOUT:?}; stderr:\n{}",
+        if h.has_exited() {
+            let _ = h.wait_exit(scaled_secs(5));
+            panic!(
+                "proxy exited at start; config:\n{contents}\nstderr:\n{}",
                 h.stderr_text()
             );
-            let n = h.stderr_line_count();
-            h.wait_stderr_lines_above(n, Duration::from_millis(50));
         }
-        if !last_err.to_lowercase().contains("in use") {
-            panic!("proxy exited at start; stderr:\n{last_err}");
-        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy did not log {listeners} listener(s){} within {timeout:?}; stderr:\n{}",
+            if admin { " and its admin endpoint" } else { "" },
+            h.stderr_text()
+        );
+        let n = h.stderr_line_count();
+        h.wait_stderr_lines_above(n, Duration::from_millis(50));
     }
-    panic!("proxy could not bind free ports after 5 attempts; last stderr:\n{last_err}");
 }
 
-/// `start_cfg` for the common case: a TOML file with one app `name` listening on one free
-/// port, `rest` being the remaining lines of its `[[app]]` table (targets, settings).
+/// Seed-format files (`ports = [0, 0]`, `0 | host | port`) cannot give each port-0 entry its
+/// own configured address, and the proxy then logs the first one's port for all of them (see
+/// `any_port`). When the logged addresses repeat, take the real ones from /proc: the proxy
+/// binds its listeners in config order before anything else can open a socket, so the
+/// listening sockets in fd order are the listeners in config order (admin excluded).
+fn resolve_duplicates(
+    h: &ProxyHandle,
+    found: Vec<Listener>,
+    admin: Option<SocketAddr>,
+) -> Vec<Listener> {
+    let mut seen: Vec<SocketAddr> = Vec::new();
+    let dup = found.iter().any(|l| {
+        let d = seen.contains(&l.addr);
+        seen.push(l.addr);
+        d
+    });
+    if !dup {
+        return found;
+    }
+    let real: Vec<SocketAddr> = proc_listen_addrs(h.pid())
+        .expect("read the proxy's sockets from /proc")
+        .into_iter()
+        .filter(|a| Some(*a) != admin)
+        .collect();
+    assert_eq!(
+        real.len(),
+        found.len(),
+        "logged listeners {found:?} repeat an address, and /proc shows {real:?}"
+    );
+    eprintln!("note: the proxy logged repeated listener addresses {found:?}; /proc has {real:?}");
+    found
+        .into_iter()
+        .zip(real)
+        .map(|(l, addr)| Listener { app: l.app, addr })
+        .collect()
+}
+
+/// `start_cfg` for the common case: a TOML file with one app `name` listening on one port-0
+/// address, `rest` being the remaining lines of its `[[app]]` table (targets, settings).
 pub fn start_one_app(name: &str, admin: bool, rest: &str) -> Started {
-    start_cfg("toml", 1, 1, &[], admin, &|p| {
-        format!(
-            "[[app]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:{}\"]\n{rest}",
-            p[0]
-        )
-    })
+    start_cfg(
+        "toml",
+        1,
+        &[],
+        admin,
+        &format!(
+            "[[app]]\nname = \"{name}\"\nlisten = [\"{}\"]\n{rest}",
+            any_port(1)
+        ),
+    )
 }
 
 /// Spawns the CLI proxy in front of `backend` with `--admin 127.0.0.1:0` and `extra`;
@@ -144,7 +251,7 @@ pub fn spawn_with_admin(backend: SocketAddr, extra: &[&str]) -> (ProxyHandle, So
     args.extend_from_slice(extra);
     let p = spawn_proxy_to(backend, &args);
     assert!(
-        p.wait_stderr_contains("admin endpoint on", Duration::from_secs(5)),
+        p.wait_stderr_contains("admin endpoint on", startup_timeout()),
         "no admin line; stderr:\n{}",
         p.stderr_text()
     );
@@ -152,11 +259,11 @@ pub fn spawn_with_admin(backend: SocketAddr, extra: &[&str]) -> (ProxyHandle, So
     (p, admin)
 }
 
-/// Sends SIGTERM, waits up to 10 s for exit status 0 and checks stderr shows no panic.
+/// Sends SIGTERM, waits up to (scaled) 15 s for exit status 0 and checks stderr shows no panic.
 /// Returns stderr.
 pub fn exit_cleanly(mut p: ProxyHandle) -> String {
     p.sigterm();
-    let st = p.wait_exit(Duration::from_secs(10));
+    let st = p.wait_exit(scaled_secs(15));
     let text = p.stderr_text();
     assert!(
         st.is_some_and(|s| s.success()),
@@ -166,15 +273,10 @@ pub fn exit_cleanly(mut p: ProxyHandle) -> String {
     text
 }
 
-/// 127.0.0.1:`port`.
-pub fn local(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
 /// Whether a connection to `addr` is refused (nothing listens there).
 pub fn is_refused(addr: SocketAddr) -> bool {
     matches!(
-        TcpStream::connect_timeout(&addr, Duration::from_millis(500)),
+        TcpStream::connect_timeout(&addr, scaled_secs(5)),
         Err(ref e) if e.kind() == io::ErrorKind::ConnectionRefused
     )
 }
@@ -193,9 +295,9 @@ pub fn admin_addr_of(text: &str) -> Option<SocketAddr> {
 
 /// HTTP/1.0 GET; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut s = TcpStream::connect_timeout(&addr, scaled_secs(10))?;
+    s.set_read_timeout(Some(scaled_secs(10)))?;
+    s.set_write_timeout(Some(scaled_secs(10)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
