@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use super::util::cfg::{any_port, http_get, metric, metrics_text, start_one_app};
 use super::util::{
-    CountingServer, assert_echo, echo_server, ipv6_available, roundtrip, scaled_secs,
-    wait_closed, wait_until,
+    CountingServer, assert_echo, echo_server, ipv6_available, roundtrip, scaled_secs, wait_closed,
+    wait_until,
 };
 
 /// A peer process (nginx, haproxy, openssl), killed on drop.
@@ -64,7 +64,8 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 /// Connect from source address `src` (e.g. 127.0.0.2) to `dst`.
 fn connect_from(src: &str, dst: SocketAddr) -> TcpStream {
-    let src: SocketAddr = format!("{src}:0").parse().expect("source address");
+    let ip: std::net::IpAddr = src.parse().expect("source address");
+    let src = SocketAddr::new(ip, 0);
     let s = socket2::Socket::new(
         socket2::Domain::for_address(dst),
         socket2::Type::STREAM,
@@ -126,7 +127,12 @@ fn get_body(addr: SocketAddr, from: &str) -> (SocketAddr, String) {
         .expect("request");
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_string();
+    let body = resp
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_string();
     (local, body)
 }
 
@@ -262,9 +268,16 @@ fn missing_or_malformed_proxy_header_is_closed_without_a_byte_upstream() {
         Ok((_, 0)) => {}
         other => panic!("silent client: {other:?}"),
     }
-    assert!(t0.elapsed() >= Duration::from_millis(250), "closed before the timeout");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "closed before the timeout"
+    );
     // Garbage: closed at once, nothing sent back.
-    for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"PROXY TCP4 1.2.3.4\r\n", b"\r\n\r\n\0\r\nQUIT\n\x99"] {
+    for garbage in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"PROXY TCP4 1.2.3.4\r\n",
+        b"\r\n\r\n\0\r\nQUIT\n\x99",
+    ] {
         let mut c = TcpStream::connect(addr).expect("connect");
         c.write_all(garbage).expect("write");
         match wait_closed(&mut c, scaled_secs(2).max(Duration::from_secs(2))) {
@@ -274,7 +287,11 @@ fn missing_or_malformed_proxy_header_is_closed_without_a_byte_upstream() {
     }
     assert_eq!(backend.accepted(), 0, "a refused client reached the target");
     let text = metrics_text(p.admin.expect("admin"));
-    let closed = metric(&text, "epoxy_closes_total", &[("app", "mh"), ("reason", "proxy_header")]);
+    let closed = metric(
+        &text,
+        "epoxy_closes_total",
+        &[("app", "mh"), ("reason", "proxy_header")],
+    );
     assert_eq!(closed, Some(4.0), "{text}");
 }
 
@@ -339,7 +356,10 @@ fn per_source_cap_refuses_the_next_and_frees_on_close() {
     let p = start_one_app(
         "ps",
         true,
-        &format!("targets = [\"{}\"]\nmax_conns_per_source = 2\n", echo.addr()),
+        &format!(
+            "targets = [\"{}\"]\nmax_conns_per_source = 2\n",
+            echo.addr()
+        ),
     );
     let addr = p.app_addr("ps");
     let mut a1 = connect_from("127.0.0.2", addr);
@@ -373,7 +393,17 @@ fn tls_server(dir: &Path, cn: &str) -> (Peer, SocketAddr) {
     let openssl = need("openssl", "openssl");
     let (key, cert) = (dir.join(format!("{cn}.key")), dir.join(format!("{cn}.crt")));
     let st = Command::new(&openssl)
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -444,7 +474,12 @@ fn tls_subject(addr: SocketAddr, name: Option<&str>) -> String {
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("subject=").map(|s| s.trim().to_string()))
-        .unwrap_or_else(|| format!("<no certificate: {}>", text.lines().take(3).collect::<Vec<_>>().join(" | ")))
+        .unwrap_or_else(|| {
+            format!(
+                "<no certificate: {}>",
+                text.lines().take(3).collect::<Vec<_>>().join(" | ")
+            )
+        })
 }
 
 #[test]
@@ -469,7 +504,10 @@ fn sni_routes_pass_tls_through_to_the_matching_server() {
         (None, "default.example.net"),
     ] {
         let subject = tls_subject(addr, name);
-        assert!(subject.contains(cn), "{name:?}: expected {cn}, got {subject}");
+        assert!(
+            subject.contains(cn),
+            "{name:?}: expected {cn}, got {subject}"
+        );
     }
 }
 
@@ -495,7 +533,11 @@ fn sni_required_closes_plain_clients() {
     assert_eq!(echo.accepted() + other.accepted(), 0);
     let text = metrics_text(p.admin.expect("admin"));
     assert_eq!(
-        metric(&text, "epoxy_closes_total", &[("app", "snr"), ("reason", "sni_required")]),
+        metric(
+            &text,
+            "epoxy_closes_total",
+            &[("app", "snr"), ("reason", "sni_required")]
+        ),
         Some(1.0),
         "{text}"
     );

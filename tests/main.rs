@@ -4,6 +4,7 @@
 
 mod config_check;
 mod core;
+mod edge;
 mod observe;
 mod routing;
 mod scale;
