@@ -25,7 +25,17 @@ struct Peer {
 }
 
 impl Drop for Peer {
+    /// SIGTERM first, so a master process (nginx) takes its workers down with it.
     fn drop(&mut self) {
+        let _ = super::util::send_signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + scaled_secs(5);
+        while Instant::now() < deadline {
+            if self.child.try_wait().is_ok_and(|s| s.is_some()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("{} did not stop on SIGTERM; killing it", self.what);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
