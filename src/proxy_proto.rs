@@ -35,8 +35,17 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, Error> {
             };
         };
         let line = std::str::from_utf8(&buf[6..end]).map_err(|_| Error::Invalid)?;
-        let f: Vec<&str> = line.split(' ').collect();
-        let addrs = match f.as_slice() {
+        let mut it = line.split(' ');
+        let mut f = [""; 6];
+        let mut n = 0;
+        for (slot, part) in f.iter_mut().zip(&mut it) {
+            *slot = part;
+            n += 1;
+        }
+        if it.next().is_some() {
+            return Err(Error::Invalid);
+        }
+        let addrs = match &f[..n] {
             ["UNKNOWN", ..] => None,
             [fam, s, d, sp, dp] if *fam == "TCP4" || *fam == "TCP6" => {
                 let s: IpAddr = s.parse().map_err(|_| Error::Invalid)?;

@@ -136,14 +136,17 @@ fn worker_threads() -> usize {
 /// Starts the proxy (one app on 127.0.0.1:0 in front of an echo upstream) and checks that
 /// the counter can see its worker threads. Returns the proxy and its listener address.
 fn start_proxy() -> (epoxy::Proxy, SocketAddr) {
+    start_proxy_with(|_| {})
+}
+
+/// `start_proxy` with the app's settings changed by `edit`.
+fn start_proxy_with(edit: impl FnOnce(&mut AppConfig)) -> (epoxy::Proxy, SocketAddr) {
     let upstream = echo_upstream();
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut app = AppConfig::new("a", vec![listen], vec![TargetConfig::new(upstream)]);
+    edit(&mut app);
     let config = Config {
-        apps: vec![AppConfig::new(
-            "a",
-            vec![listen],
-            vec![TargetConfig::new(upstream)],
-        )],
+        apps: vec![app],
         max_conns: Some(100),
         ..Config::default()
     };
@@ -337,4 +340,76 @@ fn short_connections_do_not_allocate_on_worker_threads() {
     assert_eq!(summary.accepted, total, "connections accepted");
     assert_eq!(summary.bytes_client_to_upstream, total * send.len() as u64);
     assert_eq!(summary.bytes_upstream_to_client, total * send.len() as u64);
+}
+
+/// Like `short_connection`, for an app with `accept_proxy` and `send_proxy = "v2"` in front of
+/// an echo upstream: the client sends a PROXY v1 header before its bytes, and gets back the
+/// 28-byte v2 header epoxy wrote toward the upstream, then its bytes.
+fn short_connection_proxied(addr: SocketAddr, send: &[u8], back: &mut [u8]) -> Result<bool, ()> {
+    const HDR: &[u8] = b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 80\r\n";
+    let mut c = TcpStream::connect_timeout(&addr, scaled_secs(10)).map_err(|_| ())?;
+    let _ = c.set_nodelay(true);
+    c.set_read_timeout(Some(scaled_secs(20))).map_err(|_| ())?;
+    c.write_all(HDR).map_err(|_| ())?;
+    c.write_all(send).map_err(|_| ())?;
+    let mut v2 = [0u8; 28];
+    c.read_exact(&mut v2).map_err(|_| ())?;
+    c.read_exact(back).map_err(|_| ())?;
+    c.shutdown(Shutdown::Write).map_err(|_| ())?;
+    let mut one = [0u8; 1];
+    let eof = matches!(c.read(&mut one), Ok(0));
+    // The v2 header carries the source from the v1 header: 10.1.2.3:40000.
+    let src_ok = v2[..12] == *b"\r\n\r\n\0\r\nQUIT\n" && v2[16..20] == [10, 1, 2, 3];
+    Ok(back == send && eof && src_ok)
+}
+
+#[test]
+fn edge_features_do_not_allocate_on_worker_threads() {
+    let _serial = serial();
+    let allow: Vec<epoxy::config::Cidr> = (0..1000)
+        .map(|i| epoxy::config::Cidr::parse(&format!("10.{}.{}.0/24", i / 250, i % 250)).unwrap())
+        .collect();
+    let (proxy, addr) = start_proxy_with(|a| {
+        a.accept_proxy = true;
+        a.send_proxy = Some(epoxy::config::ProxyVersion::V2);
+        a.allow = allow;
+        a.max_conns_per_source = Some(10);
+    });
+    let mut send = [0u8; 256];
+    let mut back = [0u8; 256];
+    fill(&mut send, 0x9901);
+    for i in 0..WARM_CONNS {
+        let ok = short_connection_proxied(addr, &send, &mut back);
+        assert_eq!(ok, Ok(true), "warm-up proxied connection {i} failed");
+    }
+    assert!(wait_idle(&proxy), "warm-up pairs still live");
+    ALLOC.start_window();
+    let mut failed = 0usize;
+    for _ in 0..MEASURED_CONNS {
+        if short_connection_proxied(addr, &send, &mut back) != Ok(true) {
+            failed += 1;
+        }
+    }
+    let idle = wait_idle(&proxy);
+    let (on_workers, elsewhere) = ALLOC.end_window();
+    assert_eq!(
+        failed, 0,
+        "{failed} of {MEASURED_CONNS} proxied connections failed"
+    );
+    assert!(idle, "measured pairs still live after the loop");
+    eprintln!(
+        "allocations during {MEASURED_CONNS} proxied connections: {on_workers} on worker threads, {elsewhere} elsewhere"
+    );
+    assert_eq!(
+        on_workers, 0,
+        "worker threads allocated with accept_proxy + send_proxy v2 + a 1000-entry allow list"
+    );
+    let summary = stop_proxy(proxy);
+    let total = (WARM_CONNS + MEASURED_CONNS) as u64;
+    // Payload only: the PROXY headers are not counted toward the upstream.
+    assert_eq!(summary.bytes_client_to_upstream, total * send.len() as u64);
+    assert_eq!(
+        summary.bytes_upstream_to_client,
+        total * (send.len() as u64 + 28)
+    );
 }

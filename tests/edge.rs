@@ -186,18 +186,20 @@ fn accept_proxy_attributes_haproxys_client() {
     let front = l.local_addr().expect("addr");
     let d = temp_dir("haproxy");
     let conf = format!(
-        "global\n  maxconn 64\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+        // maxconn sizes HAProxy's fd table, which must reach the inherited fd's number.
+        "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
          frontend f\n  bind fd@{}\n  default_backend b\nbackend b\n  server e {epoxy} send-proxy-v2\n",
         l.as_raw_fd()
     );
     std::fs::write(d.join("haproxy.cfg"), conf).expect("write haproxy.cfg");
+    let log = std::fs::File::create(d.join("haproxy.log")).expect("haproxy log");
     let child = Command::new(bin)
         .arg("-db")
         .arg("-f")
         .arg(d.join("haproxy.cfg"))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
         .spawn()
         .expect("start haproxy");
     let _haproxy = Peer {
@@ -206,7 +208,13 @@ fn accept_proxy_attributes_haproxys_client() {
     };
     let mut c = connect_from("127.0.0.9", front);
     let me = c.local_addr().expect("local");
-    assert_echo(&mut c, b"through haproxy and epoxy");
+    if roundtrip(&mut c, b"through haproxy and epoxy", scaled_secs(10)).is_err() {
+        panic!(
+            "no echo through haproxy; haproxy said:\n{}\nepoxy said:\n{}",
+            std::fs::read_to_string(d.join("haproxy.log")).unwrap_or_default(),
+            p.proxy.stderr_text()
+        );
+    }
     let admin = p.admin.expect("admin");
     let (code, body) = http_get(admin, "/connections").expect("/connections");
     assert_eq!(code, 200);
@@ -426,7 +434,7 @@ fn tls_server(dir: &Path, cn: &str) -> (Peer, SocketAddr) {
         .expect("openssl req");
     assert!(st.success(), "openssl req failed");
     let mut child = Command::new(&openssl)
-        .args(["s_server", "-accept", "127.0.0.1:0", "-www", "-quiet"])
+        .args(["s_server", "-accept", "127.0.0.1:0", "-www"])
         .arg("-cert")
         .arg(&cert)
         .arg("-key")
