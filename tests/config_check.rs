@@ -125,6 +125,42 @@ const BAD: &[Bad] = &[
         Some(5),
     ),
     bad(
+        "bad-cidr.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\nallow = [\"10.0.0.0/8\",\n  \"10.0.0.0/33\"]\n",
+        Some("allow"),
+        Some(6),
+    ),
+    bad(
+        "cidr-host-bits.toml",
+        "[defaults]\ndeny = [\"10.1.2.3/8\"]\n[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\n",
+        Some("defaults.deny"),
+        Some(2),
+    ),
+    bad(
+        "send-proxy-version.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\nsend_proxy = \"v3\"\n",
+        Some("send_proxy"),
+        Some(5),
+    ),
+    bad(
+        "bad-sni.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\nroutes = [{ sni = [\"*\"], targets = [\"127.0.0.1:19002\"] }]\n",
+        Some("routes.sni"),
+        Some(5),
+    ),
+    bad(
+        "route-loop.toml",
+        "[[app]]\nname = \"web\"\nlisten = [\"127.0.0.1:19000\"]\ntargets = [\"127.0.0.1:19001\"]\nroutes = [{ sni = [\"a.test\"], targets = [\"127.0.0.1:19000\"] }]\n",
+        Some("routes.targets"),
+        Some(5),
+    ),
+    bad(
+        "sni-required-alone.toml",
+        "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\"127.0.0.1:19001\"]\nsni_required = true\n",
+        Some("sni_required"),
+        Some(5),
+    ),
+    bad(
         "unresolvable.toml",
         "[[app]]\nname = \"web\"\nports = [19000]\ntargets = [\n  \"127.0.0.1:19001\",\n  \"no-such-host.invalid:80\",\n]\n",
         Some("targets"),
