@@ -3,7 +3,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: build run test bench info debug clean
+.PHONY: build run test bench fuzz info debug clean
 
 build:
 	$(CARGO) build --release
@@ -21,6 +21,20 @@ test:
 	EPOXY_TEST_WORKERS=2 $(CARGO) test --release --test main core::
 	# And against a debug build, which checks the worker's invariants after every batch.
 	$(CARGO) test --test main core::
+
+# Fuzz every parser for FUZZ_SECONDS each (libFuzzer via cargo-fuzz on the stable toolchain:
+# RUSTC_BOOTSTRAP=1 lets it pass its -Z flags, --sanitizer none needs no nightly runtime).
+# New inputs go to fuzz/work/TARGET; the committed seeds in fuzz/corpus/TARGET are replayed
+# by `make test`. Exits non-zero on the first crash (the input is in fuzz/artifacts/).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = proxy_header client_hello config_toml config_json config_pipe
+fuzz:
+	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/work/$$t && \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --sanitizer none -O $$t fuzz/work/$$t fuzz/corpus/$$t \
+	    -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 bench: build
 	bash bench/run.sh

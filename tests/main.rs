@@ -5,6 +5,7 @@
 mod config_check;
 mod core;
 mod edge;
+mod fuzz_corpus;
 mod observe;
 mod routing;
 mod scale;

@@ -505,6 +505,13 @@ pub fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, String> {
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
+    // Fuzz builds (`cargo fuzz` sets `--cfg fuzzing`) never ask the resolver: millions of
+    // random names would become DNS queries.
+    if cfg!(fuzzing) {
+        return Err(format!(
+            "cannot resolve host '{bare}': no DNS while fuzzing"
+        ));
+    }
     let addrs: Vec<SocketAddr> = (bare, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve host '{bare}': {e}"))?
