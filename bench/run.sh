@@ -10,7 +10,8 @@
 #   e  iperf3 forward and -R                          Gbit/s, proxy CPU s/GB
 #   f  idle established pairs (bench/idle_pairs.py)   proxy RSS bytes per idle pair
 # Hooks for later issues (opt-in through PHASES, skipped when the proxy lacks
-# the feature): multiapp (issue 3), admin (issue 4), scaling and splice (issue 5).
+# the feature): multiapp (issue 3), admin (issue 4), scaling and splice (issue 5),
+# edge (issue 9: PROXY protocol both ways + a 1,000-entry allow list, chained epoxies).
 #
 # Layout: each proxy is pinned with `taskset -c $PROXY_CPU` (0), load generator
 # and backend with `taskset -c $LOAD_CPU` (1) — except phase b, which runs
@@ -186,10 +187,11 @@ wait_port_free() {
 
 # ---------------------------------------------------------------- backends
 BACKEND_PID=""
-start_nginx() {  # start_nginx CPUSET [extra listen ports...]
+start_nginx() {  # start_nginx CPUSET [extra listen ports...]; NGINX_PP_PORT: one more, with proxy_protocol
     local cpus=$1; shift
     local d=$TMP/nginx listens="listen $HOST:$P_NGINX;" p
     for p in "$@"; do listens="$listens listen $HOST:$p;"; done
+    [ -n "${NGINX_PP_PORT:-}" ] && listens="$listens listen $HOST:$NGINX_PP_PORT proxy_protocol;"
     mkdir -p "$d/www" "$d/tmp"
     head -c 1024 /dev/zero | tr '\0' 'x' >"$d/www/1k.bin"
     cat >"$d/nginx.conf" <<EOF
@@ -760,6 +762,53 @@ phase_splice() {
     stop_targets
     stop_backend
     TARGETS=$saved
+}
+
+# Issue 9: the cost of the edge features on connection-per-request traffic (phase c's
+# load). Chain: wrk -> front epoxy (CPU 1) -> middle epoxy (measured, CPU 0) -> nginx (CPU 1).
+#   edge-plain: front plain, middle plain, nginx plain port.
+#   edge-full:  front `send_proxy = "v2"`, middle `accept_proxy` + `send_proxy = "v2"` + a
+#               1,000-entry allow list (the matching entry last), nginx `listen ... proxy_protocol`.
+# Target: the middle's CPU per request with the features at most 5% above without.
+edge_cfg() {  # edge_cfg FILE NAME LISTEN_PORT TARGET_PORT [extra lines...]
+    local f=$1 name=$2 lp=$3 tp=$4; shift 4
+    { echo '[defaults]'; echo 'log_interval = "off"'; echo '[[app]]'; echo "name = \"$name\""
+      echo "listen = [\"$HOST:$lp\"]"; echo "targets = [\"$HOST:$tp\"]"
+      local l; for l in "$@"; do echo "$l"; done; } >"$f"
+}
+phase_edge() {
+    epoxy_has_flag "--config" || { note "phase edge skipped: epoxy has no --config"; return; }
+    have wrk && have nginx || { note "phase edge skipped: wrk/nginx missing"; return; }
+    local r v pf pm allow="" i fport
+    for ((i = 0; i < 999; i++)); do allow="$allow\"10.$((i / 250)).$((i % 250)).0/24\", "; done
+    allow="$allow\"127.0.0.0/8\""
+    # front 18060/18062 -> middle 18061/18063 -> nginx 18081 (plain) / 18087 (proxy_protocol)
+    edge_cfg "$TMP/edge-front-plain.toml" front 18060 18061
+    edge_cfg "$TMP/edge-front-full.toml" front 18062 18063 'send_proxy = "v2"'
+    edge_cfg "$TMP/edge-middle-plain.toml" middle 18061 "$P_NGINX"
+    edge_cfg "$TMP/edge-middle-full.toml" middle 18063 18087 'accept_proxy = true' 'send_proxy = "v2"' "allow = [$allow]"
+    NGINX_PP_PORT=18087 start_nginx "$LOAD_CPU" || return
+    cmd edge "taskset -c $LOAD_CPU wrk -t1 -c$WRK_CONNS -d${DURATION}s --latency -H 'Connection: close' http://$HOST:FRONT/1k.bin"
+    cmd edge "front: taskset -c $LOAD_CPU $EPOXY_BIN -c edge-front-{plain,full}.toml; measured middle: taskset -c $PROXY_CPU $EPOXY_BIN -c edge-middle-{plain,full}.toml"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for v in plain full; do
+            fport=18060; [ "$v" = full ] && fport=18062
+            RUST_LOG=warn taskset -c "$LOAD_CPU" "$EPOXY_BIN" -c "$TMP/edge-front-$v.toml" >"$LOGS/edge-front-$v.log" 2>&1 &
+            pf=$!; track "$pf"
+            RUST_LOG=warn taskset -c "$PROXY_CPU" "$EPOXY_BIN" -c "$TMP/edge-middle-$v.toml" >"$LOGS/edge-middle-$v.log" 2>&1 &
+            pm=$!; track "$pm"
+            if wait_port "$fport" "$pf" 10 && wait_port $((fport + 1)) "$pm" 10; then
+                T_PID[edge-$v]=$pm; T_PORT[edge-$v]=$fport; T_LOG[edge-$v]=$LOGS/edge-middle-$v.log
+                wrk_once edge "edge-$v" warmup "$LOAD_CPU" "$WRK_CONNS" "$WARMUP" -H "Connection: close"
+                wrk_once edge "edge-$v" "$r" "$LOAD_CPU" "$WRK_CONNS" "$DURATION" -H "Connection: close"
+            else
+                note "phase edge: the $v chain did not start: $(tail -2 "$LOGS"/edge-*-"$v".log | tr '\n' ' ')"
+            fi
+            T_PID[edge-$v]=""
+            kill_pid "$pm" 5; kill_pid "$pf" 5
+        done
+    done
+    stop_backend
 }
 
 # ---------------------------------------------------------------- setup
