@@ -510,7 +510,7 @@ fn sni_routes_pass_tls_through_to_the_matching_server() {
         "sni",
         true,
         &format!(
-            "targets = [\"{def}\"]\nroutes = [\n  {{ sni = [\"api.example.com\"], targets = [\"{api}\"] }},\n  {{ sni = [\"*.example.com\"], targets = [\"{wild}\"] }},\n]\n"
+            "targets = [\"{def}\"]\naccess_log = true\nroutes = [\n  {{ sni = [\"api.example.com\"], targets = [\"{api}\"] }},\n  {{ sni = [\"*.example.com\"], targets = [\"{wild}\"] }},\n]\n"
         ),
     );
     let addr = p.app_addr("sni");
