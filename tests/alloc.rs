@@ -291,55 +291,63 @@ fn wait_idle(proxy: &epoxy::Proxy) -> bool {
     }
 }
 
-#[test]
-fn short_connections_do_not_allocate_on_worker_threads() {
-    let _serial = serial();
-    let (proxy, addr) = start_proxy();
+/// A connection function of the loops below: one short connection, `Ok(true)` if intact.
+type ShortConn = fn(SocketAddr, &[u8], &mut [u8]) -> Result<bool, ()>;
+
+/// Warm up with `WARM_CONNS` runs of `conn`, then count allocations over `MEASURED_CONNS`
+/// more, up to the close of the last pair. Asserts that every connection succeeded and that
+/// the worker threads allocated nothing; `what` names the loop in messages.
+fn assert_loop_allocates_nothing(
+    proxy: &epoxy::Proxy,
+    addr: SocketAddr,
+    conn: ShortConn,
+    seed: u64,
+    what: &str,
+) {
     let mut send = [0u8; 256];
     let mut back = [0u8; 256];
-    fill(&mut send, 0x5407);
-
-    // Warm-up: the same loop, not counted.
+    fill(&mut send, seed);
     for i in 0..WARM_CONNS {
-        let ok = short_connection(addr, &send, &mut back);
-        assert_eq!(ok, Ok(true), "warm-up short connection {i} failed");
+        assert_eq!(
+            conn(addr, &send, &mut back),
+            Ok(true),
+            "warm-up {what} {i} failed"
+        );
     }
-    assert!(wait_idle(&proxy), "warm-up pairs still live");
-
-    // The window: accept, upstream connect, one round trip and close, MEASURED_CONNS times,
-    // up to the close of the last pair.
+    assert!(wait_idle(proxy), "warm-up pairs still live");
     ALLOC.start_window();
     let mut failed = 0usize;
     for _ in 0..MEASURED_CONNS {
-        if short_connection(addr, &send, &mut back) != Ok(true) {
+        if conn(addr, &send, &mut back) != Ok(true) {
             failed += 1;
         }
     }
-    let idle = wait_idle(&proxy);
+    let idle = wait_idle(proxy);
     let (on_workers, elsewhere) = ALLOC.end_window();
-
-    assert_eq!(
-        failed, 0,
-        "{failed} of {MEASURED_CONNS} short connections failed"
-    );
+    assert_eq!(failed, 0, "{failed} of {MEASURED_CONNS} {what} failed");
     assert!(idle, "measured pairs still live after the loop");
     eprintln!(
-        "allocations during {MEASURED_CONNS} short connections: {on_workers} on worker threads, {elsewhere} elsewhere"
+        "allocations during {MEASURED_CONNS} {what}: {on_workers} on worker threads, {elsewhere} elsewhere"
     );
     assert_eq!(
         on_workers,
         0,
-        "the proxy's worker threads allocated {on_workers} times ({:.2} per connection) while \
-         accepting, connecting, relaying one round trip and closing {MEASURED_CONNS} short \
-         connections",
+        "the proxy's worker threads allocated {on_workers} times ({:.2} per connection) during \
+         {MEASURED_CONNS} {what} (accept, upstream connect, one round trip, close)",
         on_workers as f64 / MEASURED_CONNS as f64
     );
+}
 
+#[test]
+fn short_connections_do_not_allocate_on_worker_threads() {
+    let _serial = serial();
+    let (proxy, addr) = start_proxy();
+    assert_loop_allocates_nothing(&proxy, addr, short_connection, 0x5407, "short connections");
     let summary = stop_proxy(proxy);
     let total = (WARM_CONNS + MEASURED_CONNS) as u64;
     assert_eq!(summary.accepted, total, "connections accepted");
-    assert_eq!(summary.bytes_client_to_upstream, total * send.len() as u64);
-    assert_eq!(summary.bytes_upstream_to_client, total * send.len() as u64);
+    assert_eq!(summary.bytes_client_to_upstream, total * 256);
+    assert_eq!(summary.bytes_upstream_to_client, total * 256);
 }
 
 /// Like `short_connection`, for an app with `accept_proxy` and `send_proxy = "v2"` in front of
@@ -375,41 +383,16 @@ fn edge_features_do_not_allocate_on_worker_threads() {
         a.allow = allow;
         a.max_conns_per_source = Some(10);
     });
-    let mut send = [0u8; 256];
-    let mut back = [0u8; 256];
-    fill(&mut send, 0x9901);
-    for i in 0..WARM_CONNS {
-        let ok = short_connection_proxied(addr, &send, &mut back);
-        assert_eq!(ok, Ok(true), "warm-up proxied connection {i} failed");
-    }
-    assert!(wait_idle(&proxy), "warm-up pairs still live");
-    ALLOC.start_window();
-    let mut failed = 0usize;
-    for _ in 0..MEASURED_CONNS {
-        if short_connection_proxied(addr, &send, &mut back) != Ok(true) {
-            failed += 1;
-        }
-    }
-    let idle = wait_idle(&proxy);
-    let (on_workers, elsewhere) = ALLOC.end_window();
-    assert_eq!(
-        failed, 0,
-        "{failed} of {MEASURED_CONNS} proxied connections failed"
-    );
-    assert!(idle, "measured pairs still live after the loop");
-    eprintln!(
-        "allocations during {MEASURED_CONNS} proxied connections: {on_workers} on worker threads, {elsewhere} elsewhere"
-    );
-    assert_eq!(
-        on_workers, 0,
-        "worker threads allocated with accept_proxy + send_proxy v2 + a 1000-entry allow list"
+    assert_loop_allocates_nothing(
+        &proxy,
+        addr,
+        short_connection_proxied,
+        0x9901,
+        "proxied connections (accept_proxy, send_proxy v2, 1000-entry allow list)",
     );
     let summary = stop_proxy(proxy);
     let total = (WARM_CONNS + MEASURED_CONNS) as u64;
     // Payload only: the PROXY headers are not counted toward the upstream.
-    assert_eq!(summary.bytes_client_to_upstream, total * send.len() as u64);
-    assert_eq!(
-        summary.bytes_upstream_to_client,
-        total * (send.len() as u64 + 28)
-    );
+    assert_eq!(summary.bytes_client_to_upstream, total * 256);
+    assert_eq!(summary.bytes_upstream_to_client, total * (256 + 28));
 }
