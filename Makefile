@@ -19,8 +19,9 @@ test:
 	$(CARGO) test --release
 	# The core data-plane tests once more against two worker loops (SO_REUSEPORT).
 	EPOXY_TEST_WORKERS=2 $(CARGO) test --release --test main core::
-	# And against a debug build, which checks the worker's invariants after every batch.
-	$(CARGO) test --test main core::
+	# And against a debug build, which checks the worker's invariants after every batch
+	# (core data plane, and the preface path of the edge features).
+	$(CARGO) test --test main -- core:: edge::
 
 # Fuzz every parser for FUZZ_SECONDS each (libFuzzer via cargo-fuzz on the stable toolchain:
 # RUSTC_BOOTSTRAP=1 lets it pass its -Z flags, --sanitizer none needs no nightly runtime).
