@@ -313,6 +313,43 @@ fn backend_reset_mid_stream_closes_client() {
     upstream_reset_reaches_client(&[], 0x7E);
 }
 
+/// Regression: a target that resets right after accepting, before the proxy handled its
+/// connect completion, used to count as a failed connect, and the client then got a plain
+/// close after zero bytes (an "empty, complete reply"; the 1-in-5 flake of the test above
+/// under load). Either order of reset and connect event must reach the client as a reset.
+#[test]
+fn upstream_reset_right_after_accept_reaches_client_as_reset() {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let backend = l.local_addr().expect("addr");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // Accept and reset at once, on this thread (no spawn): often before the proxy looks.
+    let t = thread::spawn(move || {
+        l.set_nonblocking(true).expect("nonblocking");
+        while !stop2.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((s, _)) => reset_close(s),
+                Err(_) => thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
+    let proxy = spawn_proxy_to(backend, &[]);
+    // 100 clients queue in the listener's backlog while the proxy is stopped; resumed, it
+    // accepts them in one burst and starts 100 connects before it polls again, by which time
+    // the first targets have reset: their connect events come with ECONNRESET.
+    send_signal(proxy.pid(), libc::SIGSTOP).expect("SIGSTOP");
+    let mut clients: Vec<TcpStream> = (0..100).map(|_| connect(proxy.addr())).collect();
+    send_signal(proxy.pid(), libc::SIGCONT).expect("SIGCONT");
+    for (i, c) in clients.iter_mut().enumerate() {
+        match wait_closed(c, scaled_secs(10)) {
+            Ok((Closed::Reset, 0)) => {}
+            other => panic!("client {i}: saw {other:?}, not a reset"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = t.join();
+}
+
 #[test]
 fn client_reset_closes_upstream() {
     let (srv, events) = scripted_server(|mut s, report| {

@@ -123,6 +123,18 @@ impl Worker {
         };
         match sock.take_error() {
             Ok(None) => {}
+            // The handshake completed and the target reset the connection before this
+            // event was handled: not a connect failure but an upstream reset, passed on to
+            // the client as a reset (a plain close would look like an empty, complete reply).
+            Ok(Some(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                self.close(idx, CloseReason::UpstreamReset);
+                return;
+            }
             Ok(Some(e)) | Err(e) => {
                 self.connect_failed(idx, ConnectFail::from_io(e.kind()));
                 return;
