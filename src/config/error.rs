@@ -14,22 +14,24 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// One line whatever the parts hold: file, app and key have control characters escaped (a
+/// key name comes from the file: JSON's `"a\nb"` is a real newline), the message is folded.
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(file) = &self.file {
-            write!(f, "{file}")?;
+            write!(f, "{}", escape_controls(file))?;
             if let Some(line) = self.line {
                 write!(f, ":{line}")?;
             }
             write!(f, ": ")?;
         }
         if let Some(app) = &self.app {
-            write!(f, "app '{app}': ")?;
+            write!(f, "app '{}': ", escape_controls(app))?;
         }
         if let Some(key) = &self.key {
-            write!(f, "key '{key}': ")?;
+            write!(f, "key '{}': ", escape_controls(key))?;
         }
-        write!(f, "{}", self.message)
+        write!(f, "{}", escape_controls(&one_line(&self.message)))
     }
 }
 
@@ -47,7 +49,7 @@ impl ConfigError {
         ConfigError {
             file: None,
             line,
-            app: app.map(escape_controls),
+            app: app.map(str::to_string),
             key: key.map(str::to_string),
             message: one_line(&message.into()),
         }
@@ -83,4 +85,27 @@ pub fn escape_controls(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the config_json fuzz target: an unknown key with an escaped newline.
+    #[test]
+    fn an_error_is_one_line_whatever_its_parts_hold() {
+        let e = ConfigError {
+            file: Some("a\nb.json".into()),
+            line: Some(4),
+            app: Some("x\ny".into()),
+            key: Some("NameE\\\nd".into()),
+            message: "unknown field `NameE\\\nd`\n, expected one of `Name`".into(),
+        };
+        let s = e.to_string();
+        assert!(!s.contains('\n'), "{s}");
+        assert!(
+            s.starts_with("a\\nb.json:4: app 'x\\ny': key 'NameE"),
+            "{s}"
+        );
+    }
 }
