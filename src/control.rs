@@ -140,15 +140,16 @@ pub struct Finished {
 /// The effective global limit and why: the configured one (or the default), lowered to what
 /// the fd limit allows (2 fds per pair, plus a quarter pipe per pair with splice) and, inside
 /// a cgroup with a memory limit, to what keeps worst-case buffer memory under half of it.
+/// `reserved_fds`: fds held apart from pairs (listeners, the admin endpoint's budget).
 fn effective_max_conns(
     cfg: &Config,
     nofile: u64,
-    listeners: usize,
+    reserved_fds: usize,
     mem_limit: Option<u64>,
 ) -> (usize, Vec<String>) {
     let want = cfg.max_conns.unwrap_or(DEFAULT_MAX_CONNS);
     let splice = cfg.apps.iter().any(|a| a.splice);
-    let reserve = FD_RESERVE + listeners as u64;
+    let reserve = FD_RESERVE + reserved_fds as u64;
     let usable = nofile.saturating_sub(reserve);
     // Per pair: 2 sockets; with splice also max_conns/4 pipes of 2 fds = 0.5 fd per pair.
     let fd_fit = if splice { usable * 2 / 5 } else { usable / 2 }.max(1) as usize;
@@ -309,8 +310,18 @@ impl Proxy {
         let nworkers = worker_count(config.workers);
         let keys = listen_keys(&config);
         let mem_limit = sys::cgroup_memory_limit();
-        let (max_conns, notes) =
-            effective_max_conns(&config, nofile, keys.len() * nworkers, mem_limit);
+        // The admin's sockets come out of the reserve too, so it never eats into max_conns.
+        let admin_fds = if config.admin.is_some() {
+            crate::admin::FD_BUDGET as usize
+        } else {
+            0
+        };
+        let (max_conns, notes) = effective_max_conns(
+            &config,
+            nofile,
+            keys.len() * nworkers + admin_fds,
+            mem_limit,
+        );
         for note in notes {
             log::warn!("{note}");
         }
