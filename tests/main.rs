@@ -2,6 +2,7 @@
 //! started in this process (see `util`). The allocation test lives apart in `alloc.rs`
 //! because it installs its own global allocator.
 
+mod admin_abuse;
 mod config_check;
 mod core;
 mod observe;
