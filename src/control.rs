@@ -141,7 +141,7 @@ pub struct Finished {
 /// the fd limit allows (2 fds per pair, plus a quarter pipe per pair with splice) and, inside
 /// a cgroup with a memory limit, to what keeps worst-case buffer memory under half of it.
 /// `reserved_fds`: fds held apart from pairs (listeners, the admin endpoint's budget).
-fn effective_max_conns(
+pub fn effective_max_conns(
     cfg: &Config,
     nofile: u64,
     reserved_fds: usize,
@@ -178,16 +178,23 @@ fn effective_max_conns(
     (limit, notes)
 }
 
-fn worker_count(w: Workers) -> usize {
+/// The worker threads `w` means here (`auto`: usable CPUs and the cgroup CPU quota).
+pub fn worker_count(w: Workers) -> usize {
     match w {
         Workers::Count(n) => n.max(1),
         Workers::Auto => {
-            let cpus = sys::allowed_cpus().map(|c| c.len()).unwrap_or(1).max(1);
-            match sys::cgroup_cpu_quota() {
-                Some(q) => cpus.min(q.ceil().max(1.0) as usize),
-                None => cpus,
-            }
+            let cpus = sys::allowed_cpus().map(|c| c.len()).unwrap_or(1);
+            auto_workers(cpus, sys::cgroup_cpu_quota())
         }
+    }
+}
+
+/// `workers auto` for `cpus` usable CPUs and a CPU quota (in CPUs, rounded up), at least 1.
+pub fn auto_workers(cpus: usize, quota: Option<f64>) -> usize {
+    let cpus = cpus.max(1);
+    match quota {
+        Some(q) => cpus.min(q.ceil().max(1.0) as usize),
+        None => cpus,
     }
 }
 
@@ -895,6 +902,34 @@ mod tests {
     use super::*;
     use crate::config::{AppConfig, TargetConfig};
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn cpu_quota_sets_auto_workers() {
+        assert_eq!(auto_workers(4, Some(1.5)), 2);
+        assert_eq!(auto_workers(4, Some(0.2)), 1);
+        assert_eq!(auto_workers(2, Some(8.0)), 2);
+        assert_eq!(auto_workers(3, None), 3);
+        assert_eq!(auto_workers(0, None), 1);
+    }
+
+    #[test]
+    fn memory_limit_and_admin_budget_lower_max_conns() {
+        let cfg = Config::default();
+        // Unlimited: the default.
+        assert_eq!(
+            effective_max_conns(&cfg, 1 << 20, 1, None).0,
+            DEFAULT_MAX_CONNS
+        );
+        // 64 MiB: 32 MiB for buffers of 2 x 8 KiB per pair.
+        let (n, notes) = effective_max_conns(&cfg, 1 << 20, 1, Some(64 << 20));
+        assert_eq!(n, 2048);
+        assert!(notes[0].contains("cgroup memory limit 64 MiB"), "{notes:?}");
+        // The fd limit, with the admin's budget held apart.
+        let fds = 1000;
+        let admin = crate::admin::FD_BUDGET as usize;
+        let (n, _) = effective_max_conns(&cfg, fds, 1 + admin, None);
+        assert_eq!(n as u64, (fds - FD_RESERVE - 1 - admin as u64) / 2);
+    }
 
     fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
         let deadline = Instant::now() + timeout;
