@@ -32,6 +32,7 @@ pub mod error;
 pub mod health;
 pub mod net;
 pub mod outcome;
+pub mod selftest;
 pub mod stats;
 pub mod sys;
 pub mod worker;

@@ -29,6 +29,28 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Set the soft RLIMIT_NOFILE to `soft` (at most the hard limit), e.g. to provoke EMFILE in
+/// the selftest's child. Returns the new soft limit.
+pub fn set_nofile_soft_limit(soft: u64) -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let want = libc::rlimit {
+        rlim_cur: soft.min(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: `want` is a valid rlimit; setrlimit only reads it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(want.rlim_cur)
+}
+
 /// The CPUs this thread may run on (sched_getaffinity), in ascending order.
 pub fn allowed_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; all-zero is a valid (empty) set.
