@@ -56,6 +56,7 @@ pub struct Check {
 }
 
 type Verdict = Result<(Outcome, String), String>;
+type CheckFn = fn() -> Verdict;
 
 fn pass(detail: String) -> Verdict {
     Ok((Outcome::Pass, detail))
@@ -625,8 +626,11 @@ fn drive_emfile_child(child: &mut std::process::Child) -> Result<(String, Vec<St
             clients.push(c);
         }
     }
-    // Give the child time to hit the limit (it retries accepting on a timer).
-    thread::sleep(Duration::from_millis(300));
+    // The child says when its accept hit the limit.
+    let hit = next("hitting EMFILE")?;
+    if hit != "emfile-hit" {
+        return Err(format!("{limit_line}, {} clients: {hit}", clients.len()));
+    }
     drop(clients);
     // Recovery: once the fds are back, a new client is served.
     let deadline = Instant::now() + Duration::from_secs(4);
@@ -666,6 +670,17 @@ pub fn emfile_child(backend: &str) -> u8 {
         let limit = step("setrlimit", sys::set_nofile_soft_limit(open + 8))?;
         println!("fd limit {limit} with {open} open");
         let _ = io::stdout().flush();
+        let emfile = |p: &Proxy| p.summary().accept_pauses[PauseCause::Emfile as usize];
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while emfile(&proxy) == 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if emfile(&proxy) > 0 {
+            println!("emfile-hit");
+        } else {
+            println!("no EMFILE within {IO_TIMEOUT:?}");
+        }
+        let _ = io::stdout().flush();
         let mut sink = Vec::new();
         let _ = io::stdin().read_to_end(&mut sink);
         let s = proxy.summary();
@@ -684,7 +699,7 @@ pub fn emfile_child(backend: &str) -> u8 {
 
 /// Every check, in order.
 pub fn run_all() -> Vec<Check> {
-    let checks: [(&'static str, fn() -> Verdict); 10] = [
+    let checks: [(&'static str, CheckFn); 10] = [
         ("half-close", check_half_close),
         ("reset", check_reset),
         ("slow-reader", check_slow_reader),

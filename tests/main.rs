@@ -8,6 +8,7 @@ mod core;
 mod observe;
 mod routing;
 mod scale;
+mod selftest;
 mod stats_page;
 // Shared helpers; each test module uses only some of them.
 #[allow(dead_code)]
