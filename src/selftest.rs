@@ -235,6 +235,8 @@ fn check_half_close() -> Verdict {
 fn check_reset() -> Verdict {
     let (tx, rx) = mpsc::channel::<io::ErrorKind>();
     let tx = std::sync::Mutex::new(tx);
+    let (armed_tx, armed_rx) = mpsc::channel::<()>();
+    let armed_tx = std::sync::Mutex::new(armed_tx);
     let backend = step(
         "bind backend",
         serve(loopback4(), move |mut s| {
@@ -248,7 +250,10 @@ fn check_reset() -> Verdict {
                 let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
                 drop(s);
             } else {
-                // The client will reset: what does upstream see?
+                // The client will reset once upstream has its first byte: what comes next?
+                if let Ok(armed) = armed_tx.lock() {
+                    let _ = armed.send(());
+                }
                 let mut buf = [0u8; 1024];
                 let kind = loop {
                     match s.read(&mut buf) {
@@ -281,11 +286,10 @@ fn check_reset() -> Verdict {
 
     let c = connect(addr)?;
     (&c).write_all(b"c").map_err(|e| format!("write: {e}"))?;
-    // Let the pair form before resetting it.
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while proxy.view().active() == 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(2));
-    }
+    // Reset only once the pair is whole: upstream has the first byte.
+    armed_rx
+        .recv_timeout(IO_TIMEOUT)
+        .map_err(|_| "client reset: the first byte never reached upstream".to_string())?;
     step(
         "set SO_LINGER 0",
         socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)),
