@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, AppArgs, Config, ConfigError, MAX_CPU, MAX_WORKERS, Overrides, Workers};
 
@@ -76,6 +76,27 @@ pub struct Cli {
     /// Log a traffic summary this often, or "off" [default: 10s]
     #[arg(long, value_name = "DUR", value_parser = parse_duration_opt)]
     pub log_interval: Option<OptDuration>,
+    #[command(subcommand)]
+    pub command: Option<Subcommands>,
+}
+
+/// Subcommands (without one, `proxy` runs the proxy the flags describe).
+#[derive(Debug, Subcommand)]
+pub enum Subcommands {
+    /// Check this host on loopback: half-close, resets, backpressure, EMFILE recovery,
+    /// splice, SO_REUSEPORT, IPv6, fd and cgroup limits. Exit 0 when all needed checks pass
+    Selftest(SelftestArgs),
+}
+
+/// `proxy selftest` flags.
+#[derive(Debug, Args)]
+pub struct SelftestArgs {
+    /// Print the results as one JSON document
+    #[arg(long)]
+    pub json: bool,
+    /// Internal: run the EMFILE check's child against this backend
+    #[arg(long = "emfile-child", value_name = "ADDR", hide = true)]
+    pub emfile_child: Option<String>,
 }
 
 /// A parsed duration that may be "off".
@@ -181,6 +202,35 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selftest_is_a_subcommand_and_flags_parse_as_before() {
+        let cli = Cli::try_parse_from(["proxy", "selftest", "--json"]).map_err(|e| e.to_string());
+        assert!(
+            matches!(
+                cli,
+                Ok(Cli {
+                    command: Some(Subcommands::Selftest(SelftestArgs { json: true, .. })),
+                    ..
+                })
+            ),
+            "{cli:?}"
+        );
+        let cli =
+            Cli::try_parse_from(["proxy", "-p", "9000", "--check"]).map_err(|e| e.to_string());
+        assert!(
+            matches!(
+                cli,
+                Ok(Cli {
+                    port: Some(9000),
+                    check: true,
+                    command: None,
+                    ..
+                })
+            ),
+            "{cli:?}"
+        );
+    }
 
     #[test]
     fn cpu_lists_parse() {

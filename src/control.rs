@@ -140,15 +140,16 @@ pub struct Finished {
 /// The effective global limit and why: the configured one (or the default), lowered to what
 /// the fd limit allows (2 fds per pair, plus a quarter pipe per pair with splice) and, inside
 /// a cgroup with a memory limit, to what keeps worst-case buffer memory under half of it.
-fn effective_max_conns(
+/// `reserved_fds`: fds held apart from pairs (listeners, the admin endpoint's budget).
+pub fn effective_max_conns(
     cfg: &Config,
     nofile: u64,
-    listeners: usize,
+    reserved_fds: usize,
     mem_limit: Option<u64>,
 ) -> (usize, Vec<String>) {
     let want = cfg.max_conns.unwrap_or(DEFAULT_MAX_CONNS);
     let splice = cfg.apps.iter().any(|a| a.splice);
-    let reserve = FD_RESERVE + listeners as u64;
+    let reserve = FD_RESERVE + reserved_fds as u64;
     let usable = nofile.saturating_sub(reserve);
     // Per pair: 2 sockets; with splice also max_conns/4 pipes of 2 fds = 0.5 fd per pair.
     let fd_fit = if splice { usable * 2 / 5 } else { usable / 2 }.max(1) as usize;
@@ -177,16 +178,23 @@ fn effective_max_conns(
     (limit, notes)
 }
 
-fn worker_count(w: Workers) -> usize {
+/// The worker threads `w` means here (`auto`: usable CPUs and the cgroup CPU quota).
+pub fn worker_count(w: Workers) -> usize {
     match w {
         Workers::Count(n) => n.max(1),
         Workers::Auto => {
-            let cpus = sys::allowed_cpus().map(|c| c.len()).unwrap_or(1).max(1);
-            match sys::cgroup_cpu_quota() {
-                Some(q) => cpus.min(q.ceil().max(1.0) as usize),
-                None => cpus,
-            }
+            let cpus = sys::allowed_cpus().map(|c| c.len()).unwrap_or(1);
+            auto_workers(cpus, sys::cgroup_cpu_quota())
         }
+    }
+}
+
+/// `workers auto` for `cpus` usable CPUs and a CPU quota (in CPUs, rounded up), at least 1.
+pub fn auto_workers(cpus: usize, quota: Option<f64>) -> usize {
+    let cpus = cpus.max(1);
+    match quota {
+        Some(q) => cpus.min(q.ceil().max(1.0) as usize),
+        None => cpus,
     }
 }
 
@@ -314,8 +322,18 @@ impl Proxy {
         let nworkers = worker_count(config.workers);
         let keys = listen_keys(&config);
         let mem_limit = sys::cgroup_memory_limit();
-        let (max_conns, notes) =
-            effective_max_conns(&config, nofile, keys.len() * nworkers, mem_limit);
+        // The admin's sockets come out of the reserve too, so it never eats into max_conns.
+        let admin_fds = if config.admin.is_some() {
+            crate::admin::FD_BUDGET as usize
+        } else {
+            0
+        };
+        let (max_conns, notes) = effective_max_conns(
+            &config,
+            nofile,
+            keys.len() * nworkers + admin_fds,
+            mem_limit,
+        );
         for note in notes {
             log::warn!("{note}");
         }
@@ -890,6 +908,34 @@ mod tests {
     use super::*;
     use crate::config::{AppConfig, TargetConfig};
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn cpu_quota_sets_auto_workers() {
+        assert_eq!(auto_workers(4, Some(1.5)), 2);
+        assert_eq!(auto_workers(4, Some(0.2)), 1);
+        assert_eq!(auto_workers(2, Some(8.0)), 2);
+        assert_eq!(auto_workers(3, None), 3);
+        assert_eq!(auto_workers(0, None), 1);
+    }
+
+    #[test]
+    fn memory_limit_and_admin_budget_lower_max_conns() {
+        let cfg = Config::default();
+        // Unlimited: the default.
+        assert_eq!(
+            effective_max_conns(&cfg, 1 << 20, 1, None).0,
+            DEFAULT_MAX_CONNS
+        );
+        // 64 MiB: 32 MiB for buffers of 2 x 8 KiB per pair.
+        let (n, notes) = effective_max_conns(&cfg, 1 << 20, 1, Some(64 << 20));
+        assert_eq!(n, 2048);
+        assert!(notes[0].contains("cgroup memory limit 64 MiB"), "{notes:?}");
+        // The fd limit, with the admin's budget held apart.
+        let fds = 1000;
+        let admin = crate::admin::FD_BUDGET as usize;
+        let (n, _) = effective_max_conns(&cfg, fds, 1 + admin, None);
+        assert_eq!(n as u64, (fds - FD_RESERVE - 1 - admin as u64) / 2);
+    }
 
     fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
         let deadline = Instant::now() + timeout;

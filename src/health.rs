@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,6 +59,52 @@ pub struct TargetHealth {
     probe_ok: AtomicU32,
     /// Consecutive failed probes; reset by a good probe.
     probe_fail: AtomicU32,
+    /// [`now_ms`] of the last mark-down or recovery (0: none since start). For display only.
+    changed_ms: AtomicU64,
+    /// The last active probe's result ([`ProbeResult`] as `u8`; 0: no probe yet).
+    last_probe: AtomicU8,
+    /// [`now_ms`] of the last active probe's result.
+    last_probe_ms: AtomicU64,
+}
+
+/// The result of one active probe, as the stats page shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeResult {
+    Ok = 1,
+    Refused = 2,
+    Timeout = 3,
+    Error = 4,
+}
+
+impl ProbeResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeResult::Ok => "ok",
+            ProbeResult::Refused => "refused",
+            ProbeResult::Timeout => "timeout",
+            ProbeResult::Error => "error",
+        }
+    }
+
+    /// Classify a probe's outcome.
+    pub fn of(result: &io::Result<()>) -> ProbeResult {
+        match result {
+            Ok(()) => ProbeResult::Ok,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => ProbeResult::Refused,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => ProbeResult::Timeout,
+            Err(_) => ProbeResult::Error,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<ProbeResult> {
+        match v {
+            1 => Some(ProbeResult::Ok),
+            2 => Some(ProbeResult::Refused),
+            3 => Some(ProbeResult::Timeout),
+            4 => Some(ProbeResult::Error),
+            _ => None,
+        }
+    }
 }
 
 impl Default for TargetHealth {
@@ -75,7 +121,34 @@ impl TargetHealth {
             fails: AtomicU32::new(0),
             probe_ok: AtomicU32::new(0),
             probe_fail: AtomicU32::new(0),
+            changed_ms: AtomicU64::new(0),
+            last_probe: AtomicU8::new(0),
+            last_probe_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The [`now_ms`] instant at which the current state (as [`TargetHealth::is_up`] says
+    /// at `now_ms`) began: 0 when it has held since the start.
+    pub fn since_ms(&self, now_ms: u64) -> u64 {
+        let changed = self.changed_ms.load(Ordering::Relaxed);
+        let until = self.down_until.load(Ordering::Relaxed);
+        // A passive mark-down that expired: up again since its deadline.
+        if until != 0 && until != UNTIL_PROBES && now_ms >= until {
+            return changed.max(until);
+        }
+        changed
+    }
+
+    /// Remember an active probe's result (for display).
+    pub fn note_probe(&self, result: ProbeResult, now_ms: u64) {
+        self.last_probe.store(result as u8, Ordering::Relaxed);
+        self.last_probe_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// The last active probe's result and its [`now_ms`] instant, if any probe ran.
+    pub fn last_probe(&self) -> Option<(ProbeResult, u64)> {
+        ProbeResult::from_u8(self.last_probe.load(Ordering::Relaxed))
+            .map(|r| (r, self.last_probe_ms.load(Ordering::Relaxed)))
     }
 
     /// False while marked down (a passive mark-down expires at its deadline when there are no
@@ -120,6 +193,7 @@ impl TargetHealth {
             .is_ok();
         if marked {
             self.probe_ok.store(0, Ordering::Relaxed);
+            self.changed_ms.store(now_ms, Ordering::Relaxed);
         }
         marked
     }
@@ -138,6 +212,7 @@ impl TargetHealth {
                     .is_ok();
                 if changed {
                     self.fails.store(0, Ordering::Relaxed);
+                    self.changed_ms.store(now_ms(), Ordering::Relaxed);
                     return Some(true);
                 }
             }
@@ -150,6 +225,11 @@ impl TargetHealth {
                     .down_until
                     .compare_exchange(current, UNTIL_PROBES, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok();
+                let now = now_ms();
+                if changed && now >= current {
+                    // It was up (never marked, or a passive mark that had expired).
+                    self.changed_ms.store(now, Ordering::Relaxed);
+                }
                 if changed && current == 0 {
                     return Some(false);
                 }
@@ -287,6 +367,7 @@ fn finish(poll: &Poll, p: &mut Probe) {
 
 /// Apply one probe result and log a state change, once.
 fn report(t: &HealthTarget, result: io::Result<()>) {
+    t.state.note_probe(ProbeResult::of(&result), now_ms());
     match t.state.on_probe(result.is_ok(), &t.check) {
         Some(false) => {
             let why = result.err().map(|e| e.to_string()).unwrap_or_default();

@@ -36,6 +36,7 @@ pub mod outcome;
 pub mod proxy_proto;
 pub mod sni;
 pub mod source_limit;
+pub mod selftest;
 pub mod stats;
 pub mod sys;
 pub mod worker;

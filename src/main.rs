@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use epoxy::cli::Cli;
+use epoxy::cli::{Cli, Subcommands};
 use epoxy::control::Lifecycle;
 use epoxy::{Error, Proxy};
 
@@ -18,6 +18,15 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    if let Some(Subcommands::Selftest(args)) = &cli.command {
+        // Quiet by default: the checks start and stop proxies; the table is the output.
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).init();
+        let code = match &args.emfile_child {
+            Some(backend) => epoxy::selftest::emfile_child(backend),
+            None => epoxy::selftest::main(args.json),
+        };
+        return ExitCode::from(code);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(&cli) {
         Ok(code) => ExitCode::from(code),

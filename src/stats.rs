@@ -184,6 +184,7 @@ impl Recorder {
     /// A client was accepted into a reserved slot.
     pub fn record_accept(&self, app: &AppCounters) {
         self.global.note_peak();
+        app.live.note_peak();
         app.total.fetch_add(1, Relaxed);
         self.cells.accepted.add(1);
     }

@@ -4,6 +4,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::path::{Path, PathBuf};
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit. Returns the resulting soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
@@ -26,6 +27,28 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+/// Set the soft RLIMIT_NOFILE to `soft` (at most the hard limit), e.g. to provoke EMFILE in
+/// the selftest's child. Returns the new soft limit.
+pub fn set_nofile_soft_limit(soft: u64) -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let want = libc::rlimit {
+        rlim_cur: soft.min(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: `want` is a valid rlimit; setrlimit only reads it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(want.rlim_cur)
 }
 
 /// The CPUs this thread may run on (sched_getaffinity), in ascending order.
@@ -130,53 +153,120 @@ pub fn splice(
     }
 }
 
-/// Read a cgroup v2 (or v1) file of this process as trimmed text.
-fn cgroup_file(v2: &str, v1: &str) -> Option<String> {
-    let base = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_string()))
-        })
-        .unwrap_or_default();
-    let mut candidates = vec![
-        format!("/sys/fs/cgroup{base}/{v2}"),
-        format!("/sys/fs/cgroup/{v2}"),
-    ];
-    candidates.push(format!("/sys/fs/cgroup/{v1}"));
-    candidates
-        .iter()
-        .find_map(|p| std::fs::read_to_string(p).ok())
-        .map(|s| s.trim().to_string())
+/// Where the cgroup files are read from: `/` (so `/proc/self/cgroup` and `/sys/fs/cgroup`),
+/// or the directory named by `EPOXY_CGROUP_ROOT`, which holds the same two paths (tests point
+/// it at a fake tree; it also serves hosts that mount the hierarchy elsewhere).
+pub fn cgroup_root() -> PathBuf {
+    std::env::var_os("EPOXY_CGROUP_ROOT")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from("/"), PathBuf::from)
 }
 
-/// The cgroup CPU quota in CPUs (e.g. 1.5), if one is set.
-pub fn cgroup_cpu_quota() -> Option<f64> {
-    let text = cgroup_file("cpu.max", "cpu/cpu.cfs_quota_us")?;
-    let mut it = text.split_whitespace();
-    let quota = it.next()?;
-    if quota == "max" || quota == "-1" {
-        return None;
-    }
-    let quota: f64 = quota.parse().ok()?;
-    let period: f64 = match it.next() {
-        Some(p) => p.parse().ok()?,
-        // cgroup v1: the period is in a file of its own.
-        None => std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?,
+/// The cgroup directories that may limit this process for one controller, most specific
+/// first: for cgroup v2 the process's own cgroup and each ancestor up to the mount; for v1
+/// the same inside the controller's hierarchy (`v1_dirs`: its possible mount names, e.g.
+/// `cpu,cpuacct`). A path that the mount does not show (a v1 container sees its own cgroup
+/// at the mount's root) falls back to the mount itself. `v2` says which layout was found.
+fn cgroup_dirs(root: &Path, v1_controller: &str, v1_dirs: &[&str]) -> (bool, Vec<PathBuf>) {
+    let mount = root.join("sys/fs/cgroup");
+    let table = std::fs::read_to_string(root.join("proc/self/cgroup")).unwrap_or_default();
+    let levels = |base: &Path, path: &str| -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut p = base.join(path.trim_start_matches('/'));
+        while p.starts_with(base) {
+            if p.is_dir() {
+                out.push(p.clone());
+            }
+            if !p.pop() {
+                break;
+            }
+        }
+        if out.is_empty() {
+            out.push(base.to_path_buf());
+        }
+        out
     };
-    (quota > 0.0 && period > 0.0).then_some(quota / period)
+    let v2_path = table.lines().find_map(|l| l.strip_prefix("0::"));
+    if mount.join("cgroup.controllers").is_file() {
+        return (true, levels(&mount, v2_path.unwrap_or("/").trim()));
+    }
+    let v1_path = table.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        ctrls
+            .split(',')
+            .any(|c| c == v1_controller)
+            .then(|| path.trim().to_string())
+    });
+    let dirs = v1_dirs
+        .iter()
+        .map(|d| mount.join(d))
+        .find(|d| d.is_dir())
+        .map(|base| levels(&base, v1_path.as_deref().unwrap_or("/")))
+        .unwrap_or_default();
+    (false, dirs)
 }
 
-/// The cgroup memory limit in bytes, if one is set.
+/// A cgroup file as trimmed text; `None` when missing or unreadable (logged at debug).
+fn cgroup_read(path: &Path) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Some(s.trim().to_string()),
+        Err(e) => {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::debug!("cgroup: cannot read {}: {e}", path.display());
+            }
+            None
+        }
+    }
+}
+
+/// The cgroup CPU quota in CPUs (e.g. 1.5), if one is set (the smallest on the path).
+pub fn cgroup_cpu_quota() -> Option<f64> {
+    cgroup_cpu_quota_in(&cgroup_root())
+}
+
+/// [`cgroup_cpu_quota`] under another root (see [`cgroup_root`]).
+pub fn cgroup_cpu_quota_in(root: &Path) -> Option<f64> {
+    let (v2, dirs) = cgroup_dirs(root, "cpu", &["cpu", "cpu,cpuacct", "cpuacct,cpu"]);
+    let quota_at = |dir: &PathBuf| -> Option<f64> {
+        let (quota, period) = if v2 {
+            let text = cgroup_read(&dir.join("cpu.max"))?;
+            let mut it = text.split_whitespace();
+            let q = it.next()?.to_string();
+            (q, it.next().map(str::to_string))
+        } else {
+            let q = cgroup_read(&dir.join("cpu.cfs_quota_us"))?;
+            (q, cgroup_read(&dir.join("cpu.cfs_period_us")))
+        };
+        if quota == "max" || quota == "-1" {
+            return None;
+        }
+        let quota: f64 = quota.parse().ok()?;
+        let period: f64 = period?.parse().ok()?;
+        (quota > 0.0 && period > 0.0).then_some(quota / period)
+    };
+    dirs.iter().filter_map(quota_at).reduce(f64::min)
+}
+
+/// The cgroup memory limit in bytes, if one is set (the smallest on the path).
 pub fn cgroup_memory_limit() -> Option<u64> {
-    let text = cgroup_file("memory.max", "memory/memory.limit_in_bytes")?;
-    let v: u64 = text.parse().ok()?;
-    // cgroup v1 reports "no limit" as a huge number.
-    (v < (1u64 << 60)).then_some(v)
+    cgroup_memory_limit_in(&cgroup_root())
+}
+
+/// [`cgroup_memory_limit`] under another root (see [`cgroup_root`]).
+pub fn cgroup_memory_limit_in(root: &Path) -> Option<u64> {
+    let (v2, dirs) = cgroup_dirs(root, "memory", &["memory"]);
+    let file = if v2 {
+        "memory.max"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    dirs.iter()
+        .filter_map(|d| cgroup_read(&d.join(file)))
+        .filter_map(|text| text.parse::<u64>().ok())
+        // cgroup v1 reports "no limit" as a huge number (v2 writes "max", which does not parse).
+        .filter(|&v| v < (1u64 << 60))
+        .min()
 }
 
 /// Zero-filled memory reserved with mmap(MAP_NORESERVE): pages cost nothing until touched,
@@ -239,5 +329,118 @@ impl Drop for ZeroedRegion {
             // SAFETY: unmapping exactly the mapping created in `new`, once.
             unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake cgroup tree under a fresh temp directory, removed on drop.
+    struct Tree(PathBuf);
+
+    impl Tree {
+        fn new(proc_self_cgroup: &str) -> Tree {
+            static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let root =
+                std::env::temp_dir().join(format!("epoxy-cgroup-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            let t = Tree(root);
+            t.write("proc/self/cgroup", proc_self_cgroup);
+            t
+        }
+        fn write(&self, rel: &str, text: &str) {
+            let p = self.0.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        fn mkdir(&self, rel: &str) {
+            std::fs::create_dir_all(self.0.join(rel)).unwrap();
+        }
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn v2(path: &str) -> Tree {
+        let t = Tree::new(&format!("0::{path}\n"));
+        t.write("sys/fs/cgroup/cgroup.controllers", "cpu memory io\n");
+        t
+    }
+
+    #[test]
+    fn v2_limits_come_from_the_own_cgroup_and_its_ancestors() {
+        let t = v2("/kubepods/pod1/c1");
+        t.write("sys/fs/cgroup/kubepods/pod1/c1/memory.max", "268435456\n");
+        t.write("sys/fs/cgroup/kubepods/pod1/memory.max", "1073741824\n");
+        t.write("sys/fs/cgroup/kubepods/memory.max", "max\n");
+        t.write("sys/fs/cgroup/kubepods/pod1/c1/cpu.max", "150000 100000\n");
+        assert_eq!(cgroup_memory_limit_in(&t.0), Some(256 * MIB));
+        assert_eq!(cgroup_cpu_quota_in(&t.0), Some(1.5));
+        // A tighter ancestor wins.
+        t.write("sys/fs/cgroup/kubepods/pod1/memory.max", "134217728\n");
+        t.write("sys/fs/cgroup/kubepods/cpu.max", "50000 100000\n");
+        assert_eq!(cgroup_memory_limit_in(&t.0), Some(128 * MIB));
+        assert_eq!(cgroup_cpu_quota_in(&t.0), Some(0.5));
+    }
+
+    #[test]
+    fn v2_unlimited_is_none() {
+        let t = v2("/");
+        t.write("sys/fs/cgroup/memory.max", "max\n");
+        t.write("sys/fs/cgroup/cpu.max", "max 100000\n");
+        assert_eq!(cgroup_memory_limit_in(&t.0), None);
+        assert_eq!(cgroup_cpu_quota_in(&t.0), None);
+        // A container with its own namespace sees "/" and the files at the mount's root.
+        t.write("sys/fs/cgroup/memory.max", "536870912\n");
+        assert_eq!(cgroup_memory_limit_in(&t.0), Some(512 * MIB));
+    }
+
+    #[test]
+    fn v1_limits_and_unlimited() {
+        let t = Tree::new("12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/x\n");
+        t.write(
+            "sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "9223372036854771712\n",
+        );
+        t.write("sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "-1\n");
+        t.write("sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "100000\n");
+        assert_eq!(cgroup_memory_limit_in(&t.0), None, "v1 'unlimited'");
+        assert_eq!(cgroup_cpu_quota_in(&t.0), None);
+        // Inside the container the mount root is its own cgroup.
+        t.write("sys/fs/cgroup/memory/memory.limit_in_bytes", "1073741824\n");
+        t.write("sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "250000\n");
+        assert_eq!(cgroup_memory_limit_in(&t.0), Some(1024 * MIB));
+        assert_eq!(cgroup_cpu_quota_in(&t.0), Some(2.5));
+        // On the host the path is visible, and its limit is the tighter one.
+        t.write(
+            "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes",
+            "67108864\n",
+        );
+        assert_eq!(cgroup_memory_limit_in(&t.0), Some(64 * MIB));
+    }
+
+    #[test]
+    fn unreadable_or_garbled_files_mean_no_limit() {
+        let t = v2("/a");
+        // A directory where the file should be: read fails (EISDIR) even for root.
+        t.mkdir("sys/fs/cgroup/a/memory.max");
+        t.write("sys/fs/cgroup/a/cpu.max", "lots 100000\n");
+        assert_eq!(cgroup_memory_limit_in(&t.0), None);
+        assert_eq!(cgroup_cpu_quota_in(&t.0), None);
+        t.write("sys/fs/cgroup/cpu.max", "100000 0\n");
+        assert_eq!(cgroup_cpu_quota_in(&t.0), None, "zero period");
+        // No tree at all.
+        let empty = Tree::new("");
+        assert_eq!(cgroup_memory_limit_in(&empty.0), None);
+        assert_eq!(cgroup_cpu_quota_in(&empty.0), None);
+        let missing = Path::new("/nonexistent/epoxy-cgroup");
+        assert_eq!(cgroup_memory_limit_in(missing), None);
     }
 }

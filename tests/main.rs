@@ -2,6 +2,7 @@
 //! started in this process (see `util`). The allocation test lives apart in `alloc.rs`
 //! because it installs its own global allocator.
 
+mod admin_abuse;
 mod config_check;
 mod core;
 mod edge;
@@ -9,6 +10,8 @@ mod fuzz_corpus;
 mod observe;
 mod routing;
 mod scale;
+mod selftest;
+mod stats_page;
 // Shared helpers; each test module uses only some of them.
 #[allow(dead_code)]
 mod util;

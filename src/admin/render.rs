@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::server::AdminCounters;
 use super::view::ProxyView;
 use crate::backend::{AppRuntime, TargetRuntime};
 use crate::outcome::{CloseReason, ConnectFail, PauseCause};
@@ -50,14 +51,14 @@ fn family<L: fmt::Display, V: fmt::Display>(
 }
 
 /// Process figures from /proc and getrusage.
-struct ProcessInfo {
-    rss_bytes: u64,
-    open_fds: u64,
-    max_fds: u64,
-    cpu_seconds: f64,
+pub(super) struct ProcessInfo {
+    pub(super) rss_bytes: u64,
+    pub(super) open_fds: u64,
+    pub(super) max_fds: u64,
+    pub(super) cpu_seconds: f64,
 }
 
-fn process_info() -> ProcessInfo {
+pub(super) fn process_info() -> ProcessInfo {
     let rss_kib = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -320,6 +321,29 @@ pub fn prometheus(view: &ProxyView) -> String {
     o
 }
 
+/// Milliseconds as seconds, to one decimal.
+fn secs(ms: u64) -> f64 {
+    (ms / 100) as f64 / 10.0
+}
+
+/// The admin endpoint's own families: connections it accepted and turned away.
+pub fn admin_families(out: &mut String, c: &AdminCounters) {
+    family(
+        out,
+        "epoxy_admin_connections_total",
+        "counter",
+        "Connections accepted by the admin endpoint.",
+        [("", c.accepted.load(Relaxed))],
+    );
+    family(
+        out,
+        "epoxy_admin_rejected_total",
+        "counter",
+        "Admin connections turned away or cut short, by reason.",
+        c.rejections().map(|(r, n)| (format!("reason=\"{r}\""), n)),
+    );
+}
+
 fn reasons<T: Copy + Into<u64>>(vals: &[T]) -> Value {
     let mut m = serde_json::Map::new();
     for r in CloseReason::ALL {
@@ -354,11 +378,17 @@ pub fn json(view: &ProxyView) -> Value {
                             json!(t.counters.connect_errors[r as usize].load(Relaxed)),
                         );
                     }
+                    let since = t.health.since_ms(now);
+                    let last_check = t.health.last_probe().map(|(r, at)| {
+                        json!({"result": r.as_str(), "seconds_ago": secs(now.saturating_sub(at))})
+                    });
                     json!({
                         "name": t.cfg.name,
                         "address": t.cfg.addr.to_string(),
                         "weight": t.cfg.weight,
                         "up": t.health.is_up(now),
+                        "state_seconds": secs(now.saturating_sub(since)),
+                        "last_check": last_check,
                         "active_connections": t.active(),
                         "connect_errors": errs,
                     })
@@ -369,6 +399,9 @@ pub fn json(view: &ProxyView) -> Value {
                 "listen": a.cfg.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
                 "balance": a.cfg.balance.as_str(),
                 "active_connections": a.active(),
+                "peak_connections": a.counters.live.peak(),
+                "max_connections": a.cfg.max_conns,
+                "health_checks": if a.cfg.health.active.is_some() { "active" } else { "passive" },
                 "total_connections": a.counters.total.load(Relaxed),
                 "bytes_upstream": a.counters.bytes_to_upstream(),
                 "bytes_downstream": a.counters.bytes_to_client(),
