@@ -83,7 +83,7 @@ impl AppRuntime {
         let counters = carry
             .apps
             .get(&cfg.name)
-            .filter(|c| c.bytes.len() == workers.max(1))
+            .filter(|c| c.bytes.len() == workers.max(1) + 1)
             .cloned()
             .unwrap_or_else(|| Arc::new(AppCounters::new(workers)));
         let targets: Vec<TargetRuntime> = cfg

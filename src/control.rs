@@ -16,16 +16,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::access_log;
-use crate::admin::{AdminServer, LiveConnections, ProxyView};
+use crate::admin::{AdminServer, Carried, LiveConnections, ProxyView};
 use crate::backend::{AppRuntime, Retained};
 use crate::config::{self, Config, DEFAULT_MAX_CONNS, Overrides, Workers};
 use crate::error::Error;
 use crate::health::{self, HealthTarget};
 use crate::stats::{ConnInfo, Slots, Summary, WorkerStats};
+use crate::upgrade::{
+    self, ExecSpec, Inherited, Predecessor, SocketEntry, SocketKind, Successor, Totals, Upgrader,
+};
 use crate::worker::{Command, ListenKey, NewListener, Worker, WorkerSetup, token};
 use crate::{net, sys};
 
@@ -128,6 +131,13 @@ pub struct Proxy {
     access_thread: Option<JoinHandle<()>>,
     admin: Option<AdminServer>,
     failed: Vec<String>,
+    /// Started but not accepting yet (a new process before the hand-over): the listeners
+    /// of each worker and the admin socket, given out by `activate`.
+    held: Option<(PerWorker, Option<std::net::TcpListener>)>,
+    /// A SIGUSR2 upgrade waiting for the new process to be ready.
+    upgrading: Option<Upgrader>,
+    /// After a hand-over: the new process, and the totals already sent to it.
+    successor: Option<(Successor, Totals)>,
 }
 
 /// How a served proxy ended: the final totals and the workers that failed (empty = clean).
@@ -235,12 +245,14 @@ fn listen_keys(cfg: &Config) -> Vec<(ListenKey, usize)> {
 /// Listeners to bind, one `Vec` per worker.
 type PerWorker = Vec<Vec<NewListener>>;
 
-/// Bind every key of `keys` not in `keep_from` (whose bound address is reused).
+/// Bind every key of `keys` not in `keep_from` (whose bound address is reused) and not in
+/// `inherited` (sockets handed over by an old process or systemd, never rebound).
 fn bind_new(
     keys: &[(ListenKey, usize)],
     keep_from: &[Bound],
     backlog: i32,
     nworkers: usize,
+    inherited: &mut Inherited,
 ) -> Result<(Vec<Bound>, PerWorker), Error> {
     let mut per_worker: PerWorker = (0..nworkers).map(|_| Vec::new()).collect();
     let mut bound = Vec::with_capacity(keys.len());
@@ -249,13 +261,36 @@ fn bind_new(
             bound.push(*b);
             continue;
         }
-        let (actual, socks) = bind_all(key.addr, backlog, nworkers)?;
+        let given = inherited.take_listen(key);
+        let (actual, socks) = if given.is_empty() {
+            bind_all(key.addr, backlog, nworkers)?
+        } else {
+            spread(key, given, nworkers)?
+        };
         bound.push(Bound { key, actual });
-        for (list, sock) in per_worker.iter_mut().zip(socks) {
-            list.push(NewListener { sock, key, app });
+        for (i, sock) in socks.into_iter().enumerate() {
+            per_worker[i % nworkers].push(NewListener { sock, key, app });
         }
     }
     Ok((bound, per_worker))
+}
+
+/// Inherited sockets of one listener over `nworkers` workers: one each (a worker without
+/// one shares a duplicate, which shares the accept queue); any extra go round-robin. Never
+/// binds, so the accept queues of the old process carry over intact.
+fn spread(
+    key: ListenKey,
+    mut given: Vec<std::net::TcpListener>,
+    nworkers: usize,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), Error> {
+    let err = |e| Error::io(format!("inherited listener {}", key.addr), e);
+    let actual = given[0].local_addr().map_err(err)?;
+    let m = given.len();
+    for w in m..nworkers {
+        let dup = given[w % m].try_clone().map_err(err)?;
+        given.push(dup);
+    }
+    Ok((actual, given))
 }
 
 fn health_targets(apps: &[Arc<AppRuntime>]) -> Vec<HealthTarget> {
@@ -315,6 +350,17 @@ fn unix_now() -> f64 {
 impl Proxy {
     /// Bind, spawn and start serving `config`.
     pub fn start(config: Config) -> Result<Proxy, Error> {
+        Proxy::start_with(config, Inherited::default(), false)
+    }
+
+    /// Like [`Proxy::start`], taking listening sockets from `inherited` (an upgrade's old
+    /// process, or systemd socket activation) instead of binding them. With `hold`, nothing
+    /// accepts (workers, admin) until [`Proxy::activate`].
+    pub fn start_with(
+        config: Config,
+        mut inherited: Inherited,
+        hold: bool,
+    ) -> Result<Proxy, Error> {
         if config.apps.is_empty() {
             return Err(Error::config("no apps configured"));
         }
@@ -360,7 +406,21 @@ impl Proxy {
 
         let apps = build_apps(&config, nworkers, max_conns, &Retained::default());
         // Bind everything first: one socket per listen address per worker.
-        let (bound, per_worker) = bind_new(&keys, &[], config.backlog, nworkers)?;
+        let (bound, per_worker) = bind_new(&keys, &[], config.backlog, nworkers, &mut inherited)?;
+        let admin_sock = match config.admin {
+            Some(addr) => Some(match inherited.take_admin(addr) {
+                Some(s) => s,
+                None => crate::admin::server::bind(addr)?,
+            }),
+            None => None,
+        };
+        inherited.close_rest();
+        let (per_worker, held) = if hold {
+            let empty: PerWorker = (0..nworkers).map(|_| Vec::new()).collect();
+            (empty, Some(per_worker))
+        } else {
+            (per_worker, None)
+        };
 
         let any_access_log = config.apps.iter().any(|a| a.access_log);
         // With a config file the log thread runs always, so a reload can turn the log on.
@@ -410,14 +470,19 @@ impl Proxy {
             ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             reloads: Default::default(),
+            upgrades: Default::default(),
+            carried: Carried::new(nworkers),
             started: Instant::now(),
             start_time: unix_now(),
             max_conns,
             live: links.clone(),
         });
-        let admin = match config.admin {
-            Some(addr) => Some(AdminServer::start(addr, view.clone())?),
-            None => None,
+        let (admin, held) = match held {
+            Some(per_worker) => (None, Some((per_worker, admin_sock))),
+            None => match admin_sock {
+                Some(sock) => (Some(AdminServer::start_on(sock, view.clone())?), None),
+                None => (None, None),
+            },
         };
 
         log_listeners(&config, &bound, None);
@@ -445,7 +510,44 @@ impl Proxy {
             access_thread,
             admin,
             failed: Vec::new(),
+            held,
+            upgrading: None,
+            successor: None,
         })
+    }
+
+    /// Start accepting what `start_with(.., hold = true)` held back: the listeners, then the
+    /// admin endpoint. Nothing to do otherwise.
+    pub fn activate(&mut self) -> Result<(), Error> {
+        let Some((per_worker, admin_sock)) = self.held.take() else {
+            return Ok(());
+        };
+        for (link, add) in self.links.0.iter().zip(per_worker) {
+            link.send(Command::Listen(add));
+        }
+        if let Some(sock) = admin_sock {
+            let a = AdminServer::start_on(sock, self.view.clone())?;
+            log::info!("admin endpoint on http://{}/metrics", a.addr());
+            self.admin = Some(a);
+        }
+        Ok(())
+    }
+
+    /// A new process started by an upgrade: say ready, wait for the old process to hand
+    /// over, then accept and follow the old process's counter totals.
+    pub fn take_over(&mut self, old: Predecessor) -> Result<(), Error> {
+        old.handshake()?;
+        self.activate()?;
+        let pid = std::process::id();
+        upgrade::notify(&[
+            sd_notify::NotifyState::MainPid(pid),
+            sd_notify::NotifyState::Ready,
+        ]);
+        log::info!("upgrade: PID {pid} now owns the listeners");
+        if let Err(e) = old.follow(self.view.clone()) {
+            log::warn!("upgrade: cannot follow the old process's counters: {e}");
+        }
+        Ok(())
     }
 
     /// The bound listener addresses (port 0 resolved), in config order.
@@ -507,7 +609,13 @@ impl Proxy {
         let apps = build_apps(&new, self.nworkers, self.view.max_conns, &retained);
         // Listeners: keep those whose configured identity stays; bind the new ones now.
         let keys = listen_keys(&new);
-        let (bound, per_worker) = bind_new(&keys, &self.bound, new.backlog, self.nworkers)?;
+        let (bound, per_worker) = bind_new(
+            &keys,
+            &self.bound,
+            new.backlog,
+            self.nworkers,
+            &mut Inherited::default(),
+        )?;
         // Health checks follow the new target set (states of unchanged targets retained),
         // before any worker balances over it.
         if let Some(h) = self.health.take() {
@@ -642,6 +750,7 @@ impl Proxy {
                     }
                     Request::Shutdown => {
                         draining = true;
+                        upgrade::notify(&[sd_notify::NotifyState::Stopping]);
                         self.begin_drain();
                         let delay = self.config.drain_delay;
                         if delay.is_zero() {
@@ -657,6 +766,31 @@ impl Proxy {
                         // Logged and counted inside; the running configuration stays.
                         let _ = self.reload_from_source(overrides);
                     }
+                    Request::Upgrade if draining => {
+                        log::warn!(
+                            "upgrade: shutting down or already handed over; SIGUSR2 ignored"
+                        );
+                    }
+                    Request::Upgrade if self.upgrading.is_some() => {
+                        log::warn!("upgrade: one is already in progress; SIGUSR2 ignored");
+                    }
+                    Request::Upgrade => self.begin_upgrade(&life),
+                }
+            }
+            if let Some(res) = self.upgrading.as_mut().and_then(Upgrader::poll) {
+                self.upgrading = None;
+                match res {
+                    Ok(succ) if draining => {
+                        let how = succ.abandon();
+                        log::warn!("upgrade: shutting down; the new process is sent away ({how})");
+                    }
+                    Ok(succ) => {
+                        if self.hand_over(succ) {
+                            draining = true;
+                            close_listeners_at = None;
+                        }
+                    }
+                    Err(why) => self.upgrade_failed(&why),
                 }
             }
             if close_listeners_at.is_some_and(|t| Instant::now() >= t) {
@@ -667,7 +801,125 @@ impl Proxy {
                 periodic.maybe_log(&self.view, every);
             }
         }
-        Ok(self.finish())
+        let successor = self.successor.take();
+        let view = self.view.clone();
+        let finished = self.finish();
+        if let Some((succ, sent)) = successor {
+            // What this process counted while draining, so the new one's totals are final.
+            succ.send_counters(Totals::take(&view).minus(&sent));
+            log::info!(
+                "upgrade: drained; PID {} carries on, this process exits",
+                succ.pid
+            );
+        }
+        Ok(finished)
+    }
+
+    /// SIGUSR2: start a new process from this binary and hand it every listening socket.
+    fn begin_upgrade(&mut self, life: &Lifecycle) {
+        let Some(spec) = life.exec.clone() else {
+            log::warn!(
+                "upgrade: this process was not started as the proxy binary; SIGUSR2 ignored"
+            );
+            return;
+        };
+        match self.handoff_sockets() {
+            Ok(sockets) => match Upgrader::start(&spec, sockets, life.waker_fn()) {
+                Ok(u) => self.upgrading = Some(u),
+                Err(why) => self.upgrade_failed(&why),
+            },
+            Err(why) => self.upgrade_failed(&why),
+        }
+    }
+
+    /// Duplicates of every listener of every worker, and of the admin socket.
+    fn handoff_sockets(&self) -> Result<Vec<(SocketEntry, std::os::fd::OwnedFd)>, String> {
+        let replies: Vec<_> = self
+            .links
+            .0
+            .iter()
+            .map(|link| {
+                let (tx, rx) = mpsc::sync_channel(1);
+                link.send(Command::ListenerFds(tx)).then_some(rx)
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (worker, rx) in replies.into_iter().enumerate() {
+            let fds = rx
+                .ok_or_else(|| format!("worker {worker} is gone"))?
+                .recv_timeout(Duration::from_secs(5))
+                .map_err(|_| format!("worker {worker} did not answer"))?
+                .map_err(|e| format!("duplicate the listeners of worker {worker}: {e}"))?;
+            for (key, fd) in fds {
+                let entry = SocketEntry {
+                    kind: SocketKind::Listen,
+                    addr: key.addr,
+                    nth: key.nth,
+                    worker,
+                };
+                out.push((entry, fd));
+            }
+        }
+        if let (Some(a), Some(addr)) = (&self.admin, self.config.admin) {
+            let fd = a
+                .listener_fd()
+                .map_err(|e| format!("duplicate the admin listener: {e}"))?;
+            let entry = SocketEntry {
+                kind: SocketKind::Admin,
+                addr,
+                nth: 0,
+                worker: 0,
+            };
+            out.push((entry, fd));
+        }
+        Ok(out)
+    }
+
+    /// The new process is ready: let it take over, stop accepting and drain. `false`: it
+    /// went away at the last moment; this process keeps serving.
+    fn hand_over(&mut self, mut succ: Successor) -> bool {
+        if let Err(why) = succ.go() {
+            self.upgrade_failed(&why);
+            return false;
+        }
+        self.view.upgrades.record(true);
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+        self.begin_drain();
+        let grace = self.config.grace;
+        let (tx, rx) = mpsc::sync_channel(self.links.0.len());
+        let sent = self.links.broadcast(|| Command::Drain {
+            grace,
+            ack: Some(tx.clone()),
+        });
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for _ in 0..sent {
+            if rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_err()
+            {
+                break;
+            }
+        }
+        let sent_totals = Totals::take(&self.view);
+        succ.send_counters(sent_totals.clone());
+        log::info!(
+            "upgrade: PID {} took over the listeners; {} live connection(s) here get up to {:?}",
+            succ.pid,
+            self.view.active(),
+            grace
+        );
+        self.successor = Some((succ, sent_totals));
+        true
+    }
+
+    /// The one place a failed upgrade is logged and counted; this process keeps serving.
+    fn upgrade_failed(&self, why: &str) {
+        self.view.upgrades.record(false);
+        log::error!("upgrade failed: {why}; still serving");
+        // With systemd, a new process may have claimed MAINPID before failing.
+        upgrade::notify(&[sd_notify::NotifyState::MainPid(std::process::id())]);
     }
 
     /// Wait for every worker to exit, stop the helpers, and return the final totals.
@@ -803,6 +1055,8 @@ pub enum Request {
     Shutdown,
     /// SIGHUP: re-read the config file.
     Reload,
+    /// SIGUSR2: start a new process from this binary and hand over the listeners.
+    Upgrade,
 }
 
 const SIGNALS: Token = Token(0);
@@ -817,12 +1071,15 @@ pub struct Lifecycle {
     signals: Option<Signals>,
     rx: Receiver<Request>,
     handle: ShutdownHandle,
+    /// How to start a new process on SIGUSR2 (the binary, captured at start).
+    exec: Option<ExecSpec>,
 }
 
 impl Lifecycle {
-    /// Requests from SIGTERM, SIGINT and SIGHUP, and from handles.
+    /// Requests from SIGTERM, SIGINT, SIGHUP and SIGUSR2, and from handles. Remembers this
+    /// process's binary path and arguments now, for SIGUSR2 (the file may be replaced later).
     pub fn with_signals() -> Result<Lifecycle, Error> {
-        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR2])
             .map_err(|e| Error::io("install signal handlers", e))?;
         let life = Lifecycle::new()?;
         life.poll
@@ -831,6 +1088,7 @@ impl Lifecycle {
             .map_err(|e| Error::io("register signals", e))?;
         Ok(Lifecycle {
             signals: Some(signals),
+            exec: ExecSpec::current(),
             ..life
         })
     }
@@ -848,6 +1106,15 @@ impl Lifecycle {
             signals: None,
             rx,
             handle: ShutdownHandle { tx, waker },
+            exec: None,
+        })
+    }
+
+    /// A callback that wakes `wait` from another thread.
+    fn waker_fn(&self) -> Box<dyn Fn() + Send> {
+        let waker = self.handle.waker.clone();
+        Box::new(move || {
+            let _ = waker.wake();
         })
     }
 
@@ -869,6 +1136,7 @@ impl Lifecycle {
                 match sig {
                     SIGINT | SIGTERM => out.push(Request::Shutdown),
                     SIGHUP => out.push(Request::Reload),
+                    SIGUSR2 => out.push(Request::Upgrade),
                     _ => {}
                 }
             }

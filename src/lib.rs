@@ -39,6 +39,7 @@ pub mod sni;
 pub mod source_limit;
 pub mod stats;
 pub mod sys;
+pub mod upgrade;
 pub mod worker;
 
 pub use config::Config;

@@ -8,6 +8,7 @@ use clap::Parser;
 
 use epoxy::cli::{Cli, Subcommands};
 use epoxy::control::Lifecycle;
+use epoxy::upgrade::{self, Inherited, Predecessor};
 use epoxy::{Error, Proxy};
 
 fn main() -> ExitCode {
@@ -38,14 +39,36 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<u8, Error> {
-    let config = cli.to_config()?;
     if cli.check {
+        cli.to_config()?;
         println!("ok");
         return Ok(0);
     }
     // Signals first, so a signal during start-up is not lost to the default handler.
     let life = Lifecycle::with_signals()?;
-    let done = Proxy::start(config)?.serve(life, &cli.overrides())?;
+    // Listening sockets from an old process (SIGUSR2 upgrade) or from systemd.
+    let (old, inherited) = match Predecessor::from_env()? {
+        Some((old, sockets)) => (Some(old), sockets),
+        None => (None, Inherited::from_systemd()?),
+    };
+    let started = cli
+        .to_config()
+        .map_err(Error::from)
+        .and_then(|config| Proxy::start_with(config, inherited, old.is_some()));
+    let mut proxy = match started {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(old) = &old {
+                old.fail(&e.to_string());
+            }
+            return Err(e);
+        }
+    };
+    match old {
+        Some(old) => proxy.take_over(old)?,
+        None => upgrade::notify(&[sd_notify::NotifyState::Ready]),
+    }
+    let done = proxy.serve(life, &cli.overrides())?;
     eprint!("{}", done.summary);
     for f in &done.failures {
         eprintln!("proxy: {f}");

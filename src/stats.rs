@@ -117,7 +117,8 @@ pub struct AppCounters {
     pub closed: [AtomicU64; CloseReason::COUNT],
     /// Pairs that closed with bytes read but never delivered, by close reason.
     pub truncated: [AtomicU64; CloseReason::COUNT],
-    /// Indexed by worker id.
+    /// Indexed by worker id; one more cell at the end holds what an upgrade carried over
+    /// from the old process ([`AppCounters::carried`], written by the upgrade reader only).
     pub bytes: Box<[BytesCell]>,
 }
 
@@ -128,11 +129,17 @@ impl AppCounters {
             total: AtomicU64::new(0),
             closed: Default::default(),
             truncated: Default::default(),
-            bytes: (0..workers.max(1)).map(|_| BytesCell::default()).collect(),
+            bytes: (0..workers.max(1) + 1)
+                .map(|_| BytesCell::default())
+                .collect(),
         }
     }
     pub fn active(&self) -> usize {
         self.live.get()
+    }
+    /// The cell of bytes carried over by an upgrade (after the workers' cells).
+    pub fn carried(&self) -> &BytesCell {
+        &self.bytes[self.bytes.len() - 1]
     }
     pub fn bytes_to_upstream(&self) -> u64 {
         self.bytes.iter().map(|b| b.to_upstream.get()).sum()

@@ -332,6 +332,172 @@ impl Drop for ZeroedRegion {
     }
 }
 
+/// Most descriptors one [`send_with_fds`] call carries (the kernel's SCM_MAX_FD is 253).
+pub const MAX_FDS_PER_MESSAGE: usize = 200;
+
+/// Send `data` on a Unix stream socket with `fds` attached (SCM_RIGHTS). Returns the bytes
+/// sent (the caller writes any rest without descriptors). At most [`MAX_FDS_PER_MESSAGE`].
+pub fn send_with_fds(
+    sock: &std::os::unix::net::UnixStream,
+    data: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<usize> {
+    use std::os::fd::{AsRawFd, RawFd};
+    if fds.len() > MAX_FDS_PER_MESSAGE || data.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "send_with_fds: empty data or too many descriptors",
+        ));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let payload = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE only computes a size from its argument.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `control`, which is `space` bytes, aligned, and large
+        // enough for one header with `payload` bytes of data (CMSG_SPACE above), so
+        // CMSG_FIRSTHDR is non-null and CMSG_DATA has room for `raw`.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr() as *const u8,
+                libc::CMSG_DATA(cmsg),
+                payload,
+            );
+        }
+    }
+    loop {
+        // SAFETY: `msg` points at `iov` (borrowing `data`) and `control`, all alive for the
+        // call; the descriptors are borrowed from the caller, so they are open.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Receive into `buf` from a Unix stream socket; descriptors that came with the bytes are
+/// appended to `fds` (close-on-exec). Returns the bytes read (0 = end of stream). A message
+/// whose descriptors did not all fit (`MSG_CTRUNC`) is an error; any that did arrive are
+/// closed.
+pub fn recv_with_fds(
+    sock: &std::os::unix::net::UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<std::os::fd::OwnedFd>,
+) -> io::Result<usize> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    let payload = MAX_FDS_PER_MESSAGE * std::mem::size_of::<RawFd>();
+    // SAFETY: CMSG_SPACE only computes a size from its argument.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (borrowing `buf` mutably) and `control`, both alive
+        // and writable for the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut got = Vec::new();
+    // SAFETY: recvmsg filled `control` and set msg_controllen; the CMSG_* macros walk only
+    // within it. Each SCM_RIGHTS payload is an array of descriptors the kernel just installed
+    // in this process, owned by nobody else, so wrapping each in an OwnedFd is sound;
+    // read_unaligned copes with the byte-aligned data pointer.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let count = len / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let p = data.add(i * std::mem::size_of::<RawFd>()) as *const RawFd;
+                    got.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p)));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        drop(got);
+        return Err(io::Error::other(
+            "descriptors were truncated (MSG_CTRUNC): the open-files limit is too low",
+        ));
+    }
+    fds.extend(got);
+    Ok(n)
+}
+
+/// A duplicate of `fd` that a child process inherits (no close-on-exec), numbered 3 or up.
+pub fn dup_inheritable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: F_DUPFD on a borrowed, open descriptor; it does not set FD_CLOEXEC.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 3) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(n) })
+}
+
+/// Take ownership of descriptor `n`, passed to this process by its parent (the upgrade
+/// channel) or by systemd (`LISTEN_FDS`): it must be open; it is set close-on-exec. Descriptors
+/// 0-2 are refused.
+pub fn adopt_fd(n: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if n < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {n} is a standard stream"),
+        ));
+    }
+    // SAFETY: F_GETFD only queries the descriptor table.
+    let flags = unsafe { libc::fcntl(n, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFD on a descriptor just checked to be open.
+    if unsafe { libc::fcntl(n, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `n` is open and was handed to this process to own (environment protocol of the
+    // caller); this is the only place that wraps it, once.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(n) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

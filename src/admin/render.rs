@@ -255,6 +255,16 @@ pub fn prometheus(view: &ProxyView) -> String {
     );
     family(
         &mut o,
+        "epoxy_upgrades_total",
+        "counter",
+        "Binary upgrades (SIGUSR2) by result.",
+        [
+            ("result=\"success\"", view.upgrades.success.load(Relaxed)),
+            ("result=\"failure\"", view.upgrades.failure.load(Relaxed)),
+        ],
+    );
+    family(
+        &mut o,
         "epoxy_worker_connections_active",
         "gauge",
         "Live pairs per worker thread.",
@@ -271,7 +281,7 @@ pub fn prometheus(view: &ProxyView) -> String {
         view.workers
             .iter()
             .enumerate()
-            .map(|(i, w)| (format!("worker=\"{i}\""), w.accepted.get())),
+            .map(|(i, _)| (format!("worker=\"{i}\""), view.worker_accepted(i))),
     );
     let dropped = sum.access_log_dropped;
     family(
@@ -423,7 +433,7 @@ pub fn json(view: &ProxyView) -> Value {
         .workers
         .iter()
         .enumerate()
-        .map(|(i, w)| json!({"worker": i, "active_connections": w.active.get(), "total_connections": w.accepted.get()}))
+        .map(|(i, w)| json!({"worker": i, "active_connections": w.active.get(), "total_connections": view.worker_accepted(i)}))
         .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -439,6 +449,8 @@ pub fn json(view: &ProxyView) -> Value {
         "connect_failures": fails,
         "accept_pauses": pauses,
         "config_reloads": {"success": view.reloads.success.load(Relaxed), "failure": view.reloads.failure.load(Relaxed)},
+        "upgrades": {"success": view.upgrades.success.load(Relaxed), "failure": view.upgrades.failure.load(Relaxed)},
+        "pid": std::process::id(),
         "workers": workers,
         "apps": apps,
     })

@@ -134,15 +134,26 @@ pub struct AdminServer {
     waker: Arc<Waker>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
+    /// A second handle on the listening socket, for an upgrade to hand over.
+    handoff: Option<std::net::TcpListener>,
 }
 
 impl AdminServer {
     /// Bind `addr` and start serving `view`.
     pub fn start(addr: SocketAddr, view: Arc<ProxyView>) -> Result<AdminServer, Error> {
-        let bind_err = |e: io::Error| Error::io(format!("bind admin {addr}"), e);
-        let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+        AdminServer::start_on(bind(addr)?, view)
+    }
+
+    /// Start serving `view` on a listening socket bound elsewhere (by [`bind`], or received
+    /// from an old process or systemd).
+    pub fn start_on(
+        std_listener: std::net::TcpListener,
+        view: Arc<ProxyView>,
+    ) -> Result<AdminServer, Error> {
+        let bind_err = |e: io::Error| Error::io("admin listener", e);
         std_listener.set_nonblocking(true).map_err(bind_err)?;
         let bound = std_listener.local_addr().map_err(bind_err)?;
+        let handoff = std_listener.try_clone().ok();
         let mut listener = TcpListener::from_std(std_listener);
         let poll = Poll::new().map_err(|e| Error::io("create admin poll", e))?;
         poll.registry()
@@ -198,7 +209,16 @@ impl AdminServer {
             waker,
             threads,
             shared,
+            handoff,
         })
+    }
+
+    /// A duplicate of the listening socket, for an upgrade to hand over.
+    pub fn listener_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        match &self.handoff {
+            Some(l) => Ok(std::os::fd::OwnedFd::from(l.try_clone()?)),
+            None => Err(io::Error::other("no handle on the admin listener")),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -218,6 +238,11 @@ impl AdminServer {
             let _ = t.join();
         }
     }
+}
+
+/// Bind the admin endpoint's listening socket.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    std::net::TcpListener::bind(addr).map_err(|e| Error::io(format!("bind admin {addr}"), e))
 }
 
 /// A handler thread: render each job's response until the job channel closes.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backend::AppRuntime;
-use crate::stats::{ConnInfo, Slots, Summary, WorkerStats};
+use crate::stats::{ConnInfo, Counter, Slots, Summary, WorkerStats};
 
 /// A source of the live pairs (control asks every worker, with a bounded wait).
 pub trait LiveConnections: Send + Sync {
@@ -41,6 +41,10 @@ pub struct ProxyView {
     /// A drain began: readyz answers 503.
     pub draining: AtomicBool,
     pub reloads: ReloadCounts,
+    /// SIGUSR2 upgrades by result (counted by the old process, carried to the new one).
+    pub upgrades: ReloadCounts,
+    /// Totals carried over from the process this one replaced (an upgrade).
+    pub carried: Carried,
     pub started: Instant,
     /// Unix time of the start, seconds.
     pub start_time: f64,
@@ -56,7 +60,10 @@ impl ProxyView {
 
     pub fn summary(&self) -> Summary {
         Summary::collect(
-            self.workers.iter().map(|s| s.as_ref()),
+            self.workers
+                .iter()
+                .map(|s| s.as_ref())
+                .chain(std::iter::once(&self.carried.base)),
             &self.global,
             self.started.elapsed(),
         )
@@ -69,5 +76,29 @@ impl ProxyView {
 
     pub fn active(&self) -> usize {
         self.global.get()
+    }
+
+    /// Connections accepted by worker `i`, with what an upgrade carried over for it.
+    pub fn worker_accepted(&self, i: usize) -> u64 {
+        let own = self.workers.get(i).map_or(0, |w| w.accepted.get());
+        own + self.carried.per_worker.get(i).map_or(0, Counter::get)
+    }
+}
+
+/// Counters carried over from an old process by an upgrade (single writer: the thread that
+/// reads the upgrade channel). `base.active` stays 0.
+#[derive(Debug, Default)]
+pub struct Carried {
+    pub base: WorkerStats,
+    /// Accepted connections per worker index.
+    pub per_worker: Box<[Counter]>,
+}
+
+impl Carried {
+    pub fn new(workers: usize) -> Carried {
+        Carried {
+            base: WorkerStats::default(),
+            per_worker: (0..workers).map(|_| Counter::default()).collect(),
+        }
     }
 }

@@ -49,6 +49,10 @@ pub enum Command {
     },
     /// Describe the live pairs (for the admin endpoint).
     Connections(SyncSender<Vec<ConnInfo>>),
+    /// Start accepting on these listeners (a new process after an upgrade's hand-over).
+    Listen(Vec<NewListener>),
+    /// Duplicates of every open listener, for an upgrade to hand over.
+    ListenerFds(SyncSender<io::Result<Vec<(ListenKey, std::os::fd::OwnedFd)>>>),
 }
 
 /// Which listen entry of the config a listener is: the address as configured (port 0 stays
@@ -268,6 +272,10 @@ impl Worker {
                 Ok(Command::Connections(reply)) => {
                     let _ = reply.try_send(self.connections());
                 }
+                Ok(Command::Listen(add)) => self.add_listeners(add),
+                Ok(Command::ListenerFds(reply)) => {
+                    let _ = reply.try_send(self.listener_fds());
+                }
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     // The control side is gone: behave as an immediate stop.
@@ -481,6 +489,29 @@ fn make_balancers(worker: usize, apps: &[Arc<AppRuntime>]) -> Vec<Vec<Balancer>>
 }
 
 impl Worker {
+    /// Register and start accepting on `add`.
+    fn add_listeners(&mut self, add: Vec<NewListener>) {
+        for l in add {
+            let i = self.listeners.len();
+            let addr = l.key.addr;
+            match register_listener(&self.poll, l, i) {
+                Ok(l) => self.listeners.push(Some(l)),
+                Err(e) => log::error!("worker {}: register listener {addr}: {e}", self.id),
+            }
+        }
+    }
+
+    /// A duplicate of each open listener with its key (an error, e.g. EMFILE, fails the
+    /// upgrade that asked).
+    fn listener_fds(&self) -> io::Result<Vec<(ListenKey, std::os::fd::OwnedFd)>> {
+        use std::os::fd::AsFd;
+        self.listeners
+            .iter()
+            .flatten()
+            .map(|l| Ok((l.key, l.sock.as_fd().try_clone_to_owned()?)))
+            .collect()
+    }
+
     /// Install a new generation of apps (see `Command::Reload`). Allocates: reload is not the
     /// relay path.
     fn on_reload(
@@ -502,14 +533,7 @@ impl Worker {
                 }
             }
         }
-        for l in add {
-            let i = self.listeners.len();
-            let addr = l.key.addr;
-            match register_listener(&self.poll, l, i) {
-                Ok(l) => self.listeners.push(Some(l)),
-                Err(e) => log::error!("worker {}: register listener {addr}: {e}", self.id),
-            }
-        }
+        self.add_listeners(add);
         self.balancers = make_balancers(self.id, &apps);
         self.app_paused = vec![false; apps.len()];
         let max_targets = apps.iter().map(|a| a.targets.len()).max().unwrap_or(1);
