@@ -90,7 +90,7 @@ enum Frame {
     /// N -> O: could not start (N exits next).
     Failed { pid: u32, reason: String },
     /// O -> N: take over.
-    Go,
+    Go {},
     /// O -> N: totals to add to N's counters.
     Counters { totals: Box<Totals> },
 }
@@ -656,7 +656,7 @@ impl Predecessor {
         .map_err(|e| err(format!("tell the old process we are ready: {e}")))?;
         let mut fds = Vec::new();
         match read_frame(&self.sock, &mut fds) {
-            Ok(Some(Frame::Go)) if fds.is_empty() => Ok(()),
+            Ok(Some(Frame::Go {})) if fds.is_empty() => Ok(()),
             Ok(None) => Err(err(
                 "the old process closed the channel before the hand-over".into(),
             )),
@@ -863,7 +863,7 @@ fn reap(child: &mut Child, patience: Duration) -> String {
 impl Successor {
     /// Tell the new process to take over. An error means it is gone (keep serving).
     pub fn go(&mut self) -> Result<(), String> {
-        write_frame(&self.sock, &Frame::Go, &[]).map_err(|e| {
+        write_frame(&self.sock, &Frame::Go {}, &[]).map_err(|e| {
             let status = reap(&mut self.child, Duration::from_secs(1));
             format!(
                 "new process PID {}: hand-over failed: {e} ({status})",
