@@ -153,9 +153,22 @@ pub fn start_cfg(
     admin: bool,
     contents: &str,
 ) -> Started {
+    start_cfg_env(ext, listeners, extra, admin, contents, &[])
+}
+
+/// `start_cfg` with environment variables for the proxy.
+pub fn start_cfg_env(
+    ext: &str,
+    listeners: usize,
+    extra: &[&str],
+    admin: bool,
+    contents: &str,
+    env: &[(&str, &str)],
+) -> Started {
     let file = TempFile::new(ext, contents);
     let mut cmd = Command::new(PROXY_BIN);
     cmd.arg("-c").arg(file.path()).args(extra);
+    cmd.envs(env.iter().copied());
     if admin {
         cmd.args(["--admin", "127.0.0.1:0"]);
     }

@@ -443,6 +443,12 @@ impl ProxyHandle {
         self.status
     }
 
+    /// The exit status once `has_exited` saw it (does not wait for stderr's end, which a
+    /// process started by an upgrade keeps open).
+    pub fn status(&self) -> Option<ExitStatus> {
+        self.status
+    }
+
     /// Whether the process has exited (without blocking).
     pub fn has_exited(&mut self) -> bool {
         if self.status.is_some() {
