@@ -32,6 +32,13 @@ use crate::upgrade::{
 use crate::worker::{Command, ListenKey, NewListener, Worker, WorkerSetup, token};
 use crate::{net, sys};
 
+/// How long an upgrade may spend moving live pairs before the rest drain in the old process.
+const MIGRATE_BUDGET: Duration = Duration::from_millis(1500);
+/// Pairs per batch (two descriptors each, within one SCM_RIGHTS message).
+const MIGRATE_BATCH: usize = sys::MAX_FDS_PER_MESSAGE / 2;
+/// How long the old process waits for the new one to answer a batch.
+const MIGRATE_ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// File descriptors kept free for listeners, the poll, logging and the like.
 const FD_RESERVE: u64 = 32;
 /// How often the lifecycle loop checks for worker exit and periodic work.
@@ -86,6 +93,88 @@ impl LiveConnections for WorkerLinks {
             }
         }
         out
+    }
+}
+
+/// The new process's side of moving live pairs: checks each against this configuration,
+/// reserves its slots, and hands committed ones to the workers round-robin.
+struct Adoption {
+    view: Arc<ProxyView>,
+    links: Arc<WorkerLinks>,
+    buffer_size: usize,
+    enabled: bool,
+    next: usize,
+}
+
+impl upgrade::Adopter for Adoption {
+    fn prepare(
+        &mut self,
+        record: crate::migrate::PairRecord,
+        client: std::net::TcpStream,
+        upstream: std::net::TcpStream,
+    ) -> Result<crate::worker::migrate::Import, String> {
+        if !self.enabled {
+            return Err("upgrade_migrate = false in this configuration".into());
+        }
+        let apps = self.view.apps();
+        let app = apps
+            .iter()
+            .find(|a| a.cfg.name == record.app)
+            .ok_or_else(|| format!("app '{}' is not in the new configuration", record.app))?;
+        let target = app
+            .targets
+            .iter()
+            .position(|t| t.cfg.name == record.target)
+            .ok_or_else(|| format!("target '{}' is not in app '{}'", record.target, record.app))?;
+        let held = record
+            .to_upstream
+            .data
+            .len()
+            .max(record.to_client.data.len());
+        if held > self.buffer_size {
+            return Err(format!(
+                "{held} buffered bytes do not fit buffer_size {}",
+                self.buffer_size
+            ));
+        }
+        for s in [&client, &upstream] {
+            s.set_nonblocking(true).map_err(|e| e.to_string())?;
+        }
+        if !self.view.global.try_take(Some(self.view.max_conns)) {
+            return Err("max_conns reached".into());
+        }
+        if !app.counters.live.try_take(app.cfg.max_conns) {
+            self.view.global.give();
+            return Err(format!("app '{}' max_conns reached", record.app));
+        }
+        Ok(crate::worker::migrate::Import {
+            record,
+            app: app.clone(),
+            target,
+            client,
+            upstream,
+        })
+    }
+
+    fn adopt(&mut self, imports: Vec<crate::worker::migrate::Import>) {
+        let n = self.links.0.len().max(1);
+        let mut per: Vec<Vec<_>> = (0..n).map(|_| Vec::new()).collect();
+        for imp in imports {
+            per[self.next % n].push(imp);
+            self.next += 1;
+        }
+        for (link, batch) in self.links.0.iter().zip(per) {
+            if !batch.is_empty() && !link.send(Command::Adopt(batch)) {
+                log::error!("upgrade: a worker is gone; its moved connections are lost");
+            }
+        }
+    }
+
+    fn release(&mut self, imports: Vec<crate::worker::migrate::Import>) {
+        for imp in imports {
+            imp.app.counters.live.give();
+            self.view.global.give();
+        }
     }
 }
 
@@ -472,6 +561,7 @@ impl Proxy {
             reloads: Default::default(),
             upgrades: Default::default(),
             carried: Carried::new(nworkers),
+            migration: Default::default(),
             started: Instant::now(),
             start_time: unix_now(),
             max_conns,
@@ -544,7 +634,14 @@ impl Proxy {
             sd_notify::NotifyState::Ready,
         ]);
         log::info!("upgrade: PID {pid} now owns the listeners");
-        if let Err(e) = old.follow(self.view.clone()) {
+        let adopter = Box::new(Adoption {
+            view: self.view.clone(),
+            links: self.links.clone(),
+            buffer_size: self.config.buffer_size,
+            enabled: self.config.upgrade_migrate,
+            next: 0,
+        });
+        if let Err(e) = old.follow(self.view.clone(), adopter) {
             log::warn!("upgrade: cannot follow the old process's counters: {e}");
         }
         Ok(())
@@ -886,6 +983,7 @@ impl Proxy {
         if let Some(a) = self.admin.take() {
             a.stop();
         }
+        // Stop accepting first (below), then move what can move.
         self.begin_drain();
         let grace = self.config.grace;
         let (tx, rx) = mpsc::sync_channel(self.links.0.len());
@@ -902,6 +1000,9 @@ impl Proxy {
                 break;
             }
         }
+        if self.config.upgrade_migrate {
+            self.migrate(&mut succ);
+        }
         let sent_totals = Totals::take(&self.view);
         succ.send_counters(sent_totals.clone());
         log::info!(
@@ -912,6 +1013,115 @@ impl Proxy {
         );
         self.successor = Some((succ, sent_totals));
         true
+    }
+
+    /// Move established pairs to the new process in batches, within `MIGRATE_BUDGET`; pairs
+    /// not movable in time (connecting, bytes in a pipe) or refused stay here and drain. Any
+    /// failure of the channel aborts the batch in flight (its pairs resume here) and ends the
+    /// move.
+    fn migrate(&self, succ: &mut Successor) {
+        let started = Instant::now();
+        let deadline = started + MIGRATE_BUDGET;
+        let mut batch = 0u64;
+        let mut moved = 0usize;
+        let mut kept = 0usize;
+        let mut stalls: Vec<u64> = Vec::new();
+        let mut failed: Option<String> = None;
+        'rounds: loop {
+            let mut found = false;
+            let mut waiting = 0;
+            for link in &self.links.0 {
+                if Instant::now() >= deadline {
+                    break 'rounds;
+                }
+                let (tx, rx) = mpsc::sync_channel(1);
+                if !link.send(Command::Export {
+                    max: MIGRATE_BATCH,
+                    reply: tx,
+                }) {
+                    continue;
+                }
+                // A worker answers within one batch of its loop; the bound is generous
+                // because an unanswered export would leave pairs parked.
+                let Ok(ex) = rx.recv_timeout(Duration::from_secs(10)) else {
+                    log::error!("upgrade: a worker did not answer the export");
+                    continue;
+                };
+                waiting += ex.waiting;
+                if ex.pairs.is_empty() {
+                    continue;
+                }
+                found = true;
+                batch += 1;
+                let parked = Instant::now();
+                let idxs: Vec<usize> = ex.pairs.iter().map(|p| p.idx).collect();
+                let res = succ.offer(batch, &ex.pairs, MIGRATE_ANSWER_TIMEOUT);
+                let (commit, abort): (Vec<usize>, Vec<usize>) = match res {
+                    Ok(taken) => {
+                        let stall = crate::worker::migrate::micros(parked.elapsed());
+                        match succ.commit(batch, stall) {
+                            Ok(()) => {
+                                let (c, a): (Vec<_>, Vec<_>) =
+                                    idxs.iter().zip(&taken).partition(|(_, t)| **t);
+                                stalls.extend(std::iter::repeat_n(stall, c.len()));
+                                (
+                                    c.into_iter().map(|(i, _)| *i).collect(),
+                                    a.into_iter().map(|(i, _)| *i).collect(),
+                                )
+                            }
+                            Err(e) => {
+                                failed = Some(e);
+                                (Vec::new(), idxs)
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        succ.abort(batch);
+                        failed = Some(e);
+                        (Vec::new(), idxs)
+                    }
+                };
+                drop(ex);
+                moved += commit.len();
+                kept += abort.len();
+                let (dtx, drx) = mpsc::sync_channel(1);
+                if link.send(Command::Settle {
+                    commit,
+                    abort,
+                    done: dtx,
+                }) {
+                    let _ = drx.recv_timeout(Duration::from_secs(10));
+                }
+                if failed.is_some() {
+                    break 'rounds;
+                }
+            }
+            if !found && waiting == 0 {
+                break;
+            }
+            if !found {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        stalls.sort_unstable();
+        let pct = |p: usize| {
+            stalls
+                .get((stalls.len() * p / 100).min(stalls.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        log::info!(
+            "upgrade: moved {moved} live connection(s) to PID {} in {batch} batch(es) in {:?} (parked p50 {} us, p99 {} us, max {} us); {kept} refused, {} stay here",
+            succ.pid,
+            started.elapsed(),
+            pct(50),
+            pct(99),
+            stalls.last().copied().unwrap_or(0),
+            self.view.active()
+        );
+        if let Some(why) = failed {
+            log::warn!("upgrade: moving connections stopped: {why}; the rest drain here");
+        }
     }
 
     /// The one place a failed upgrade is logged and counted; this process keeps serving.

@@ -31,6 +31,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod health;
+pub mod migrate;
 pub mod net;
 pub mod outcome;
 pub mod proxy_proto;

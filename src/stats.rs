@@ -84,6 +84,10 @@ pub struct WorkerStats {
     pub closed: [Counter; CloseReason::COUNT],
     /// Access-log records dropped because the log writer fell behind.
     pub access_log_dropped: Counter,
+    /// Live pairs moved here from an old process by an upgrade.
+    pub migrated_in: Counter,
+    /// Live pairs moved from here to a new process by an upgrade.
+    pub migrated_out: Counter,
 }
 
 /// Counters of one target that survive reloads (shared; written on connect and close only).
@@ -234,6 +238,18 @@ impl Recorder {
         }
         self.cells.closed[reason as usize].add(1);
         self.unreserve(app);
+    }
+
+    /// A pair moved to a new process: its slots are given back; it is not a close.
+    pub fn record_migrated_out(&self, app: &AppCounters) {
+        self.cells.migrated_out.add(1);
+        self.unreserve(app);
+    }
+
+    /// A pair moved here from an old process (its slots were reserved by the caller).
+    pub fn record_migrated_in(&self) {
+        self.global.note_peak();
+        self.cells.migrated_in.add(1);
     }
 
     /// A client refused before it became a pair (it held a reservation).

@@ -40,9 +40,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin::ProxyView;
 use crate::error::Error;
+use crate::migrate::PairRecord;
 use crate::outcome::{CloseReason, ConnectFail, PauseCause};
 use crate::sys;
 use crate::worker::ListenKey;
+use crate::worker::migrate::{Export, Import};
 
 /// The environment variable that names the new process's end of the channel.
 pub const ENV_FD: &str = "EPOXY_UPGRADE_FD";
@@ -93,6 +95,22 @@ enum Frame {
     Go {},
     /// O -> N: totals to add to N's counters.
     Counters { totals: Box<Totals> },
+    /// O -> N: `count` parked pairs; two descriptors each (client, upstream) ride on this
+    /// frame; `len` bytes of records follow it (each a u32 length and a `PairRecord`).
+    Pairs {
+        batch: u64,
+        count: u32,
+        len: u32,
+        #[serde(skip)]
+        blob: Vec<u8>,
+    },
+    /// N -> O: which pairs of `batch` N can take (checked, slots reserved).
+    Taken { batch: u64, taken: Vec<bool> },
+    /// O -> N: the taken pairs of `batch` are N's now (O dropped them): serve them.
+    /// `stall_us`: how long they were parked.
+    Commit { batch: u64, stall_us: u64 },
+    /// O -> N: O keeps every pair of `batch`.
+    Abort { batch: u64 },
 }
 
 fn encode(frame: &Frame) -> io::Result<Vec<u8>> {
@@ -112,7 +130,11 @@ fn write_frame(sock: &UnixStream, frame: &Frame, fds: &[BorrowedFd<'_>]) -> io::
         sys::send_with_fds(sock, &bytes, fds)?
     };
     let mut w = sock;
-    w.write_all(&bytes[sent..])
+    w.write_all(&bytes[sent..])?;
+    if let Frame::Pairs { blob, .. } = frame {
+        w.write_all(blob)?;
+    }
+    Ok(())
 }
 
 /// Read exactly `buf.len()` bytes (collecting descriptors); `Ok(false)`: end of stream before
@@ -151,7 +173,46 @@ fn read_frame(sock: &UnixStream, fds: &mut Vec<OwnedFd>) -> io::Result<Option<Fr
             "the channel closed in the middle of a frame".into(),
         ));
     }
-    decode(&body).map(Some)
+    let mut frame = decode(&body)?;
+    if let Frame::Pairs { len, blob, .. } = &mut frame {
+        let len = *len as usize;
+        if len > MAX_FRAME * 16 {
+            return Err(invalid(format!("pair records of {len} bytes")));
+        }
+        blob.resize(len, 0);
+        if len > 0 && !read_full(sock, blob, fds)? {
+            return Err(invalid(
+                "the channel closed in the middle of pair records".into(),
+            ));
+        }
+    }
+    Ok(Some(frame))
+}
+
+/// Split a `Pairs` blob into exactly `count` records (each decoded strictly on its own; a
+/// bad record is `Err` in its place, a bad framing fails the whole batch).
+pub fn split_records(
+    blob: &[u8],
+    count: usize,
+) -> io::Result<Vec<Result<PairRecord, crate::migrate::RecordError>>> {
+    let mut out = Vec::with_capacity(count.min(1024));
+    let mut at = 0usize;
+    for _ in 0..count {
+        let head = blob
+            .get(at..at.saturating_add(4))
+            .ok_or_else(|| invalid("pair records truncated".into()))?;
+        let n = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        at += 4;
+        let rec = blob
+            .get(at..at.saturating_add(n))
+            .ok_or_else(|| invalid("pair records truncated".into()))?;
+        at += n;
+        out.push(PairRecord::decode(rec));
+    }
+    if at != blob.len() {
+        return Err(invalid("bytes after the last pair record".into()));
+    }
+    Ok(out)
 }
 
 /// Decode one frame body (strict: unknown types and fields are errors).
@@ -665,29 +726,135 @@ impl Predecessor {
         }
     }
 
-    /// Add the old process's totals to `view` as they arrive, until it exits.
-    pub fn follow(self, view: Arc<ProxyView>) -> io::Result<JoinHandle<()>> {
+    /// Until the old process exits: take the live pairs it moves here (through `adopter`)
+    /// and add its totals to `view`.
+    pub fn follow(
+        self,
+        view: Arc<ProxyView>,
+        mut adopter: Box<dyn Adopter>,
+    ) -> io::Result<JoinHandle<()>> {
         let _ = self.sock.set_read_timeout(None);
         std::thread::Builder::new()
             .name("epoxy-upgrade".into())
             .spawn(move || {
+                // The batch taken and not yet committed or aborted.
+                let mut pending: Option<(u64, Vec<Import>)> = None;
                 loop {
                     let mut fds = Vec::new();
-                    match read_frame(&self.sock, &mut fds) {
-                        Ok(Some(Frame::Counters { totals })) => totals.apply(&view),
-                        Ok(None) => return,
-                        Ok(Some(f)) => {
-                            log::warn!("upgrade: unexpected frame from the old process: {f:?}");
-                            return;
-                        }
+                    let frame = match read_frame(&self.sock, &mut fds) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
                         Err(e) => {
-                            log::warn!("upgrade: counters from the old process: {e}");
-                            return;
+                            log::warn!("upgrade: channel from the old process: {e}");
+                            break;
+                        }
+                    };
+                    match frame {
+                        Frame::Counters { totals } => totals.apply(&view),
+                        Frame::Pairs {
+                            batch, count, blob, ..
+                        } => {
+                            if let Some((_, imports)) = pending.take() {
+                                adopter.release(imports);
+                            }
+                            let (taken, imports) =
+                                take_batch(&mut *adopter, &blob, count as usize, fds);
+                            // Reserved before the answer: a commit may follow at once.
+                            pending = Some((batch, imports));
+                            let reply = Frame::Taken { batch, taken };
+                            if let Err(e) = write_frame(&self.sock, &reply, &[]) {
+                                log::warn!("upgrade: answer the old process: {e}");
+                                break;
+                            }
+                        }
+                        Frame::Commit { batch, stall_us } => match pending.take() {
+                            Some((b, imports)) if b == batch => {
+                                let n = imports.len() as u64;
+                                adopter.adopt(imports);
+                                view.migration.record(n, stall_us);
+                            }
+                            other => {
+                                pending = other;
+                                log::warn!("upgrade: commit of unknown batch {batch}");
+                            }
+                        },
+                        Frame::Abort { batch } => match pending.take() {
+                            Some((b, imports)) if b == batch => adopter.release(imports),
+                            other => pending = other,
+                        },
+                        f => {
+                            log::warn!("upgrade: unexpected frame from the old process: {f:?}");
+                            break;
                         }
                     }
                 }
+                if let Some((_, imports)) = pending.take() {
+                    adopter.release(imports);
+                }
             })
     }
+}
+
+/// Where the pairs an old process moves here go (the control side implements it).
+pub trait Adopter: Send {
+    /// Check one moved pair against this process's configuration and reserve its slots.
+    fn prepare(
+        &mut self,
+        record: PairRecord,
+        client: std::net::TcpStream,
+        upstream: std::net::TcpStream,
+    ) -> Result<Import, String>;
+    /// Serve these (the old process let go of them).
+    fn adopt(&mut self, imports: Vec<Import>);
+    /// Give back what `prepare` reserved (the old process keeps them).
+    fn release(&mut self, imports: Vec<Import>);
+}
+
+/// Decode and prepare a batch: which records were taken, and the imports of those.
+fn take_batch(
+    adopter: &mut dyn Adopter,
+    blob: &[u8],
+    count: usize,
+    fds: Vec<OwnedFd>,
+) -> (Vec<bool>, Vec<Import>) {
+    let mut taken = vec![false; count.min(sys::MAX_FDS_PER_MESSAGE)];
+    let mut imports = Vec::new();
+    if fds.len() != count * 2 || count > sys::MAX_FDS_PER_MESSAGE {
+        log::warn!(
+            "upgrade: {count} pair(s) announced with {} descriptor(s); taking none",
+            fds.len()
+        );
+        return (taken, imports);
+    }
+    let records = match split_records(blob, count) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("upgrade: {e}; taking none of the batch");
+            return (taken, imports);
+        }
+    };
+    let mut fds = fds.into_iter();
+    for (i, rec) in records.into_iter().enumerate() {
+        let (Some(c), Some(u)) = (fds.next(), fds.next()) else {
+            break;
+        };
+        let rec = match rec {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("upgrade: pair {i}: {e}; the old process keeps it");
+                continue;
+            }
+        };
+        let addr = rec.client_addr;
+        match adopter.prepare(rec, c.into(), u.into()) {
+            Ok(imp) => {
+                taken[i] = true;
+                imports.push(imp);
+            }
+            Err(why) => log::warn!("upgrade: pair from {addr}: {why}; the old process keeps it"),
+        }
+    }
+    (taken, imports)
 }
 
 fn parent_pid() -> u32 {
@@ -880,6 +1047,60 @@ impl Successor {
         if let Err(e) = write_frame(&self.sock, &f, &[]) {
             log::warn!("upgrade: send counters to PID {}: {e}", self.pid);
         }
+    }
+
+    /// Send a batch of parked pairs (at most `sys::MAX_FDS_PER_MESSAGE / 2`) and wait up to
+    /// `timeout` for which the new process takes.
+    pub fn offer(
+        &mut self,
+        batch: u64,
+        pairs: &[Export],
+        timeout: Duration,
+    ) -> Result<Vec<bool>, String> {
+        let mut blob = Vec::new();
+        let mut rec = Vec::new();
+        for p in pairs {
+            rec.clear();
+            p.record.encode(&mut rec);
+            blob.extend_from_slice(&(rec.len() as u32).to_be_bytes());
+            blob.extend_from_slice(&rec);
+        }
+        let frame = Frame::Pairs {
+            batch,
+            count: pairs.len() as u32,
+            len: blob.len() as u32,
+            blob,
+        };
+        let fds: Vec<BorrowedFd<'_>> = pairs
+            .iter()
+            .flat_map(|p| [p.fds[0].as_fd(), p.fds[1].as_fd()])
+            .collect();
+        write_frame(&self.sock, &frame, &fds).map_err(|e| format!("send pairs: {e}"))?;
+        self.sock
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        match read_frame(&self.sock, &mut got) {
+            Ok(Some(Frame::Taken { batch: b, taken }))
+                if b == batch && taken.len() == pairs.len() =>
+            {
+                Ok(taken)
+            }
+            Ok(Some(f)) => Err(format!("unexpected answer {f:?}")),
+            Ok(None) => Err("the new process closed the channel".into()),
+            Err(e) => Err(format!("no answer: {e}")),
+        }
+    }
+
+    /// The taken pairs of `batch` are the new process's now.
+    pub fn commit(&self, batch: u64, stall_us: u64) -> Result<(), String> {
+        write_frame(&self.sock, &Frame::Commit { batch, stall_us }, &[])
+            .map_err(|e| format!("commit: {e}"))
+    }
+
+    /// This process keeps every pair of `batch` (best effort: a dead peer needs no word).
+    pub fn abort(&self, batch: u64) {
+        let _ = write_frame(&self.sock, &Frame::Abort { batch }, &[]);
     }
 
     /// Drop a new process that said ready but must not take over (shutdown began): closing

@@ -14,4 +14,4 @@ pub mod server;
 pub mod view;
 
 pub use server::{AdminCounters, AdminServer, FD_BUDGET, MAX_CONNECTIONS};
-pub use view::{Carried, LiveConnections, ProxyView, ReloadCounts};
+pub use view::{Carried, LiveConnections, MigrationCounts, ProxyView, ReloadCounts};

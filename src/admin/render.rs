@@ -263,6 +263,35 @@ pub fn prometheus(view: &ProxyView) -> String {
             ("result=\"failure\"", view.upgrades.failure.load(Relaxed)),
         ],
     );
+    let m = &view.migration;
+    family(
+        &mut o,
+        "epoxy_migrated_connections_total",
+        "counter",
+        "Live pairs moved here from the old process by an upgrade (upgrade_migrate).",
+        [("", m.pairs.load(Relaxed))],
+    );
+    family(
+        &mut o,
+        "epoxy_migration_batches_total",
+        "counter",
+        "Batches of live pairs moved here by an upgrade.",
+        [("", m.batches.load(Relaxed))],
+    );
+    family(
+        &mut o,
+        "epoxy_migration_stall_seconds_total",
+        "counter",
+        "Sum over moved batches of the time their pairs were parked (neither process relaying).",
+        [("", m.stall_us_sum.load(Relaxed) as f64 / 1e6)],
+    );
+    family(
+        &mut o,
+        "epoxy_migration_stall_max_seconds",
+        "gauge",
+        "Longest time one moved batch was parked.",
+        [("", m.stall_us_max.load(Relaxed) as f64 / 1e6)],
+    );
     family(
         &mut o,
         "epoxy_worker_connections_active",

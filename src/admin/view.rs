@@ -45,6 +45,8 @@ pub struct ProxyView {
     pub upgrades: ReloadCounts,
     /// Totals carried over from the process this one replaced (an upgrade).
     pub carried: Carried,
+    /// Live pairs moved here from the process this one replaced.
+    pub migration: MigrationCounts,
     pub started: Instant,
     /// Unix time of the start, seconds.
     pub start_time: f64,
@@ -82,6 +84,24 @@ impl ProxyView {
     pub fn worker_accepted(&self, i: usize) -> u64 {
         let own = self.workers.get(i).map_or(0, |w| w.accepted.get());
         own + self.carried.per_worker.get(i).map_or(0, Counter::get)
+    }
+}
+
+/// Batches of live pairs moved here by an upgrade, and how long they were parked.
+#[derive(Debug, Default)]
+pub struct MigrationCounts {
+    pub pairs: AtomicU64,
+    pub batches: AtomicU64,
+    pub stall_us_sum: AtomicU64,
+    pub stall_us_max: AtomicU64,
+}
+
+impl MigrationCounts {
+    pub fn record(&self, pairs: u64, stall_us: u64) {
+        self.pairs.fetch_add(pairs, Relaxed);
+        self.batches.fetch_add(1, Relaxed);
+        self.stall_us_sum.fetch_add(stall_us, Relaxed);
+        self.stall_us_max.fetch_max(stall_us, Relaxed);
     }
 }
 

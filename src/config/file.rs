@@ -43,6 +43,7 @@ pub struct Defaults {
     pub grace_period: Option<Spanned<DurationText>>,
     pub drain_delay: Option<Spanned<DurationText>>,
     pub log_interval: Option<Spanned<DurationText>>,
+    pub upgrade_migrate: Option<Spanned<bool>>,
     pub balance: Option<Spanned<String>>,
     pub retries: Option<Spanned<i64>>,
     pub access_log: Option<Spanned<bool>>,
@@ -304,6 +305,7 @@ fn to_raw(text: &str, file: &FileConfig) -> RawDoc {
             grace_period: d.grace_period.as_ref().map(|v| at_dur(text, v)),
             drain_delay: d.drain_delay.as_ref().map(|v| at_dur(text, v)),
             log_interval: d.log_interval.as_ref().map(|v| at_dur(text, v)),
+            upgrade_migrate: d.upgrade_migrate.as_ref().map(|v| at(text, v)),
             admin_listen: None,
         };
         doc.defaults = app_settings!(text, d);

@@ -295,6 +295,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// `None` = off.
     pub log_interval: Option<Duration>,
+    /// On SIGUSR2, move established pairs to the new process (`false`: they drain here).
+    pub upgrade_migrate: bool,
     pub admin: Option<SocketAddr>,
     pub apps: Vec<AppConfig>,
     /// The file this came from (for reload and error messages); `None` for CLI-only.
@@ -322,6 +324,7 @@ impl Default for Config {
             grace: DEFAULT_GRACE,
             drain_delay: Duration::ZERO,
             log_interval: Some(DEFAULT_LOG_INTERVAL),
+            upgrade_migrate: true,
             admin: None,
             apps: Vec::new(),
             source: None,

@@ -125,6 +125,7 @@ pub struct RawGlobals {
     pub grace_period: Option<At<String>>,
     pub drain_delay: Option<At<String>>,
     pub log_interval: Option<At<String>>,
+    pub upgrade_migrate: Option<At<bool>>,
     pub admin_listen: Option<At<String>>,
 }
 

@@ -654,6 +654,11 @@ fn resolve_globals(g: &RawGlobals) -> Result<Config, ConfigError> {
     set(&mut cfg.log_interval, &g.log_interval, |v| {
         dur_or_off(d, "log_interval", v)
     })?;
+    set(
+        &mut cfg.upgrade_migrate,
+        &g.upgrade_migrate,
+        |v| Ok(v.value),
+    )?;
     set(&mut cfg.admin, &g.admin_listen, |v| admin_addr(v).map(Some))?;
     Ok(cfg)
 }

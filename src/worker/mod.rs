@@ -5,6 +5,7 @@
 
 pub mod accept;
 pub mod connect;
+pub mod migrate;
 pub mod pair;
 pub mod preface;
 pub mod relay;
@@ -53,6 +54,19 @@ pub enum Command {
     Listen(Vec<NewListener>),
     /// Duplicates of every open listener, for an upgrade to hand over.
     ListenerFds(SyncSender<io::Result<Vec<(ListenKey, std::os::fd::OwnedFd)>>>),
+    /// Park up to `max` established pairs for a move to a new process, and describe them.
+    Export {
+        max: usize,
+        reply: SyncSender<migrate::Exported>,
+    },
+    /// Forget the parked pairs the new process took; resume the others. `done` is told after.
+    Settle {
+        commit: Vec<usize>,
+        abort: Vec<usize>,
+        done: SyncSender<()>,
+    },
+    /// Rebuild and serve pairs moved from an old process.
+    Adopt(Vec<migrate::Import>),
 }
 
 /// Which listen entry of the config a listener is: the address as configured (port 0 stays
@@ -276,6 +290,18 @@ impl Worker {
                 Ok(Command::ListenerFds(reply)) => {
                     let _ = reply.try_send(self.listener_fds());
                 }
+                Ok(Command::Export { max, reply }) => {
+                    let _ = reply.try_send(self.export(max));
+                }
+                Ok(Command::Settle {
+                    commit,
+                    abort,
+                    done,
+                }) => {
+                    self.settle(&commit, &abort);
+                    let _ = done.try_send(());
+                }
+                Ok(Command::Adopt(imports)) => self.adopt(imports),
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     // The control side is gone: behave as an immediate stop.
@@ -300,7 +326,7 @@ impl Worker {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
-        if pair.state == PairState::Closed {
+        if pair.state == PairState::Closed || pair.parked {
             return;
         }
         let half = pair.half(side);

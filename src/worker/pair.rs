@@ -133,6 +133,9 @@ pub struct Pair {
     /// The upstream socket could not be created for lack of file descriptors: the connect is
     /// retried by the timer until `deadline` (not the target's fault; health is untouched).
     pub waiting_fd: bool,
+    /// Being moved to a new process (upgrade): deregistered; no event, timer or relay touches
+    /// it until the move is settled (see `migrate.rs`).
+    pub parked: bool,
 }
 
 impl Pair {
@@ -173,6 +176,7 @@ impl Pair {
             last_active: now,
             splice: false,
             waiting_fd: false,
+            parked: false,
         }
     }
 

@@ -23,6 +23,9 @@ impl Worker {
         let Some(pair) = self.pairs.get_mut(idx) else {
             return;
         };
+        if pair.parked {
+            return;
+        }
         let down_done = pair.to_client.done();
         let up = pump(
             &mut pair.client,

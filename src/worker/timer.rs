@@ -29,6 +29,9 @@ impl Worker {
         let now = self.now;
         let fd_retry = self.accept_backoff_until.is_none();
         for (idx, pair) in self.pairs.iter() {
+            if pair.parked {
+                continue;
+            }
             let due = match pair.state {
                 PairState::Preface => (now >= pair.deadline).then_some(Due::Preface),
                 PairState::Connecting if pair.waiting_fd && now >= pair.deadline => Some(Due::NoFd),
