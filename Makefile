@@ -28,7 +28,7 @@ test:
 # New inputs go to fuzz/work/TARGET; the committed seeds in fuzz/corpus/TARGET are replayed
 # by `make test`. Exits non-zero on the first crash (the input is in fuzz/artifacts/).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS = proxy_header client_hello config_toml config_json config_pipe
+FUZZ_TARGETS = proxy_header client_hello config_toml config_json config_pipe pair_record
 fuzz:
 	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
 	for t in $(FUZZ_TARGETS); do \

@@ -50,6 +50,9 @@ use crate::worker::migrate::{Export, Import};
 pub const ENV_FD: &str = "EPOXY_UPGRADE_FD";
 /// Test hook: the new process waits this many milliseconds before it says `Ready`.
 pub const ENV_TEST_HOLD_MS: &str = "EPOXY_UPGRADE_TEST_HOLD_MS";
+/// Test hook: the new process waits this many milliseconds before answering a batch of
+/// moved pairs.
+pub const ENV_TEST_MIGRATE_HOLD_MS: &str = "EPOXY_MIGRATE_TEST_HOLD_MS";
 /// How long the old process waits for the new one to say `Ready`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the new process waits for the sockets, and for `Go` after `Ready`.
@@ -756,6 +759,13 @@ impl Predecessor {
                         } => {
                             if let Some((_, imports)) = pending.take() {
                                 adopter.release(imports);
+                            }
+                            if let Some(ms) = std::env::var(ENV_TEST_MIGRATE_HOLD_MS)
+                                .ok()
+                                .and_then(|v| v.parse::<u64>().ok())
+                            {
+                                log::info!("upgrade: test hold of {ms} ms before batch {batch}");
+                                std::thread::sleep(Duration::from_millis(ms));
                             }
                             let (taken, imports) =
                                 take_batch(&mut *adopter, &blob, count as usize, fds);

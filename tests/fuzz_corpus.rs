@@ -68,3 +68,21 @@ fn config_corpora() {
         }
     }
 }
+
+#[test]
+fn pair_record_corpus() {
+    use epoxy::migrate::PairRecord;
+    let mut valid = 0;
+    for (name, data) in corpus("pair_record") {
+        if let Ok(r) = PairRecord::decode(&data) {
+            let mut again = Vec::new();
+            r.encode(&mut again);
+            assert_eq!(again, data, "{name} re-encodes differently");
+            valid += 1;
+        }
+        if let Some((&n, rest)) = data.split_first() {
+            let _ = epoxy::upgrade::split_records(rest, usize::from(n % 8));
+        }
+    }
+    assert!(valid >= 5, "the valid seeds must decode ({valid})");
+}

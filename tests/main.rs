@@ -7,6 +7,7 @@ mod config_check;
 mod core;
 mod edge;
 mod fuzz_corpus;
+mod migrate;
 mod observe;
 mod routing;
 mod scale;

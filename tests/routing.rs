@@ -434,13 +434,13 @@ fn all_targets_refuse_client_closed_promptly() {
 }
 
 /// A listener that completes no more handshakes: backlog 0, its queue filled by `fillers`.
-struct Blackhole {
+pub(crate) struct Blackhole {
     _listener: socket2::Socket,
     _fillers: Vec<TcpStream>,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
-fn blackhole() -> Blackhole {
+pub(crate) fn blackhole() -> Blackhole {
     use socket2::{Domain, Protocol, Socket, Type};
     let l = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
     l.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())

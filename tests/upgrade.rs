@@ -18,7 +18,7 @@ use crate::util::*;
 
 /// Make this test process the reaper of its descendants' orphans, so the exit status of a
 /// process started by an upgrade (a grandchild) can be read here once its parent is gone.
-fn become_subreaper() {
+pub(crate) fn become_subreaper() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: prctl with integer arguments only; it changes a flag of this process.
@@ -29,7 +29,7 @@ fn become_subreaper() {
 
 /// Wait up to `timeout` for `pid` (a child of this process, perhaps only once its parent
 /// exits) to exit; its exit code, or 128 + the signal that killed it.
-fn reap(pid: u32, timeout: Duration) -> Option<i32> {
+pub(crate) fn reap(pid: u32, timeout: Duration) -> Option<i32> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut status: libc::c_int = 0;
@@ -52,7 +52,7 @@ fn reap(pid: u32, timeout: Duration) -> Option<i32> {
 }
 
 /// The PIDs whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -78,7 +78,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 
 /// Processes started by upgrades: killed and reaped when the test ends, however it ends.
 #[derive(Default)]
-struct Generations(Vec<u32>);
+pub(crate) struct Generations(pub(crate) Vec<u32>);
 
 impl Drop for Generations {
     fn drop(&mut self) {
@@ -90,7 +90,7 @@ impl Drop for Generations {
 }
 
 /// The admin JSON document.
-fn admin_json(admin: SocketAddr) -> Option<serde_json::Value> {
+pub(crate) fn admin_json(admin: SocketAddr) -> Option<serde_json::Value> {
     let (code, body) = http_get(admin, "/metrics?format=json").ok()?;
     if code != 200 {
         return None;
@@ -99,18 +99,18 @@ fn admin_json(admin: SocketAddr) -> Option<serde_json::Value> {
 }
 
 /// The PID of the process that answers on the admin endpoint.
-fn admin_pid(admin: SocketAddr) -> Option<u32> {
+pub(crate) fn admin_pid(admin: SocketAddr) -> Option<u32> {
     admin_json(admin)?.get("pid")?.as_u64().map(|p| p as u32)
 }
 
-fn active_connections(admin: SocketAddr) -> u64 {
+pub(crate) fn active_connections(admin: SocketAddr) -> u64 {
     admin_json(admin)
         .and_then(|j| j.get("active_connections")?.as_u64())
         .unwrap_or(0)
 }
 
 /// Send SIGUSR2 to `old` and wait for another process to answer on the admin endpoint.
-fn upgrade(old: u32, admin: SocketAddr, log: &ProxyHandle) -> u32 {
+pub(crate) fn upgrade(old: u32, admin: SocketAddr, log: &ProxyHandle) -> u32 {
     send_signal(old, libc::SIGUSR2).expect("SIGUSR2");
     let mut new = None;
     let ok = wait_until(scaled_secs(30), || {
@@ -126,7 +126,7 @@ fn upgrade(old: u32, admin: SocketAddr, log: &ProxyHandle) -> u32 {
 }
 
 /// A client loop: a new connection every 5 ms, one echoed line each; every failure noted.
-struct Churn {
+pub(crate) struct Churn {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failures: Arc<Mutex<Vec<String>>>,
@@ -134,7 +134,7 @@ struct Churn {
 }
 
 impl Churn {
-    fn start(addr: SocketAddr) -> Churn {
+    pub(crate) fn start(addr: SocketAddr) -> Churn {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -175,12 +175,12 @@ impl Churn {
         }
     }
 
-    fn ok(&self) -> u64 {
+    pub(crate) fn ok(&self) -> u64 {
         self.ok.load(Ordering::SeqCst)
     }
 
     /// Stop; the number of good connections (asserts there was no failure).
-    fn finish(mut self) -> u64 {
+    pub(crate) fn finish(mut self) -> u64 {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             t.join().expect("churn thread");
@@ -198,7 +198,7 @@ impl Churn {
 
 /// A long echo stream: `rounds` chunks of 4 KiB, each echoed and compared byte for byte,
 /// `pause` apart, then a half-close and the end of the echo.
-fn stream(
+pub(crate) fn stream(
     addr: SocketAddr,
     seed: u64,
     rounds: usize,
@@ -232,18 +232,24 @@ fn stream(
     })
 }
 
-fn wait_active(admin: SocketAddr, n: u64) {
+pub(crate) fn wait_active(admin: SocketAddr, n: u64) {
     assert!(
         wait_until(scaled_secs(20), || active_connections(admin) >= n),
         "fewer than {n} live connections"
     );
 }
 
-fn config(echo: SocketAddr) -> String {
+/// One app in front of `echo`, grace 60 s; `migrate`: move live pairs on upgrade (issue 11)
+/// or let them drain in the old process (the behaviour these tests check).
+pub(crate) fn config_with(echo: SocketAddr, migrate: bool, extra: &str) -> String {
     format!(
-        "[defaults]\ngrace_period = \"60s\"\n\n[[app]]\nname = \"up\"\nlisten = [\"{}\"]\ntargets = [\"{echo}\"]\n",
+        "[defaults]\ngrace_period = \"60s\"\nupgrade_migrate = {migrate}\n\n[[app]]\nname = \"up\"\nlisten = [\"{}\"]\ntargets = [\"{echo}\"]\n{extra}",
         any_port(1)
     )
+}
+
+fn config(echo: SocketAddr) -> String {
+    config_with(echo, false, "")
 }
 
 /// Five upgrades in a row under a connect loop and 20 long streams per upgrade: nothing
