@@ -1283,6 +1283,8 @@ pub struct Lifecycle {
     handle: ShutdownHandle,
     /// How to start a new process on SIGUSR2 (the binary, captured at start).
     exec: Option<ExecSpec>,
+    /// Requests read early (see `forget_upgrades`), returned by the next `wait`.
+    queued: Vec<Request>,
 }
 
 impl Lifecycle {
@@ -1317,6 +1319,7 @@ impl Lifecycle {
             rx,
             handle: ShutdownHandle { tx, waker },
             exec: None,
+            queued: Vec::new(),
         })
     }
 
@@ -1333,14 +1336,37 @@ impl Lifecycle {
         self.handle.clone()
     }
 
+    /// A process started by an upgrade, once it owns the listeners: SIGUSR2 that arrived
+    /// while it was starting belongs to the upgrade that started it (`systemctl kill`
+    /// signals every process of the unit), so it is logged and dropped; other requests wait
+    /// for `serve`.
+    pub fn forget_upgrades(&mut self) -> Result<(), Error> {
+        let early = self.wait(Duration::ZERO)?;
+        for r in early {
+            if r == Request::Upgrade {
+                log::warn!(
+                    "upgrade: SIGUSR2 during the upgrade that started this process; ignored"
+                );
+            } else {
+                self.queued.push(r);
+            }
+        }
+        Ok(())
+    }
+
     /// The requests that arrived within `timeout`, in order.
     fn wait(&mut self, timeout: Duration) -> Result<Vec<Request>, Error> {
+        let timeout = if self.queued.is_empty() {
+            timeout
+        } else {
+            Duration::ZERO
+        };
         if let Err(e) = self.poll.poll(&mut self.events, Some(timeout))
             && e.kind() != io::ErrorKind::Interrupted
         {
             return Err(Error::io("poll signals", e));
         }
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.queued);
         if let Some(signals) = self.signals.as_mut() {
             for sig in signals.pending() {
                 match sig {

@@ -45,7 +45,7 @@ fn run(cli: &Cli) -> Result<u8, Error> {
         return Ok(0);
     }
     // Signals first, so a signal during start-up is not lost to the default handler.
-    let life = Lifecycle::with_signals()?;
+    let mut life = Lifecycle::with_signals()?;
     // Listening sockets from an old process (SIGUSR2 upgrade) or from systemd.
     let (old, inherited) = match Predecessor::from_env()? {
         Some((old, sockets)) => (Some(old), sockets),
@@ -65,7 +65,10 @@ fn run(cli: &Cli) -> Result<u8, Error> {
         }
     };
     match old {
-        Some(old) => proxy.take_over(old)?,
+        Some(old) => {
+            proxy.take_over(old)?;
+            life.forget_upgrades()?;
+        }
         None => upgrade::notify(&[sd_notify::NotifyState::Ready]),
     }
     let done = proxy.serve(life, &cli.overrides())?;
