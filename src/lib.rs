@@ -33,6 +33,7 @@ pub mod error;
 pub mod health;
 pub mod net;
 pub mod outcome;
+pub mod pidfile;
 pub mod proxy_proto;
 pub mod selftest;
 pub mod sni;

@@ -12,6 +12,7 @@ mod routing;
 mod scale;
 mod selftest;
 mod stats_page;
+mod tools;
 // Shared helpers; each test module uses only some of them.
 #[allow(dead_code)]
 mod util;
