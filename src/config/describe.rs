@@ -32,7 +32,7 @@ pub fn format_duration(d: Duration) -> String {
         return "0s".to_string();
     }
     for (unit, name) in [(3600 * S, "h"), (60 * S, "m"), (S, "s"), (MS, "ms")] {
-        if ns % unit == 0 {
+        if ns.is_multiple_of(unit) {
             return format!("{}{name}", ns / unit);
         }
     }
