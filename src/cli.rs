@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, AppArgs, Config, ConfigError, MAX_CPU, MAX_WORKERS, Overrides, Workers};
 
@@ -31,7 +31,7 @@ pub struct Cli {
     /// Config file (.toml, .json or .conf); flags given too override it
     #[arg(short = 'c', long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Validate the configuration, print "ok" and exit (exit 2 on errors)
+    /// Validate the configuration, print it resolved, then "ok", and exit (exit 2 on errors)
     #[arg(long)]
     pub check: bool,
     /// Most concurrent connection pairs, whole process [default: 10000, lowered to fit the fd limit]
@@ -76,6 +76,10 @@ pub struct Cli {
     /// Log a traffic summary this often, or "off" [default: 10s]
     #[arg(long, value_name = "DUR", value_parser = parse_duration_opt)]
     pub log_interval: Option<OptDuration>,
+    /// Write the process ID to PATH at start (rewritten by a new process after a SIGUSR2
+    /// upgrade; removed at exit if it still holds this PID)
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Subcommands>,
 }
@@ -86,6 +90,47 @@ pub enum Subcommands {
     /// Check this host on loopback: half-close, resets, backpressure, EMFILE recovery,
     /// splice, SO_REUSEPORT, IPv6, fd and cgroup limits. Exit 0 when all needed checks pass
     Selftest(SelftestArgs),
+    /// Print a shell completion script to stdout, e.g.
+    /// `proxy completions bash > /etc/bash_completion.d/proxy`
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) to stdout, e.g. `proxy manpage | man -l -`
+    Manpage,
+}
+
+/// `proxy completions` arguments.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// Shells `proxy completions` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The completion script for `shell`, as `proxy completions SHELL` prints it.
+pub fn completion_script(shell: CompletionShell) -> Vec<u8> {
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut cmd = Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "proxy", &mut out);
+    out
+}
+
+/// The man page (roff), as `proxy manpage` prints it.
+pub fn manpage() -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+    Ok(out)
 }
 
 /// `proxy selftest` flags.
@@ -230,6 +275,64 @@ mod tests {
             ),
             "{cli:?}"
         );
+    }
+
+    #[test]
+    fn the_command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_and_manpage_are_subcommands() {
+        let cli = Cli::try_parse_from(["proxy", "completions", "fish"]).map_err(|e| e.to_string());
+        assert!(
+            matches!(
+                cli,
+                Ok(Cli {
+                    command: Some(Subcommands::Completions(CompletionsArgs {
+                        shell: CompletionShell::Fish
+                    })),
+                    ..
+                })
+            ),
+            "{cli:?}"
+        );
+        let bad = Cli::try_parse_from(["proxy", "completions", "tcsh"]).map(|_| ());
+        assert_eq!(
+            bad.map_err(|e| e.kind()),
+            Err(clap::error::ErrorKind::InvalidValue)
+        );
+        let cli = Cli::try_parse_from(["proxy", "manpage"]).map_err(|e| e.to_string());
+        assert!(
+            matches!(
+                cli,
+                Ok(Cli {
+                    command: Some(Subcommands::Manpage),
+                    ..
+                })
+            ),
+            "{cli:?}"
+        );
+        for shell in [
+            CompletionShell::Bash,
+            CompletionShell::Zsh,
+            CompletionShell::Fish,
+        ] {
+            let script = String::from_utf8(completion_script(shell)).unwrap_or_default();
+            assert!(script.contains("backend-port"), "{shell:?}: {script}");
+            assert!(script.contains("selftest"), "{shell:?}");
+        }
+        let page = manpage().map(|p| String::from_utf8_lossy(&p).into_owned());
+        let page = page.unwrap_or_default();
+        assert!(page.lines().any(|l| l.starts_with(".TH ")), "{page}");
+        assert!(page.contains("pid\\-file"), "{page}");
+    }
+
+    #[test]
+    fn pid_file_is_a_long_flag() {
+        let cli = Cli::try_parse_from(["proxy", "--pid-file", "/run/epoxy.pid"]);
+        let path = cli.ok().and_then(|c| c.pid_file);
+        assert_eq!(path, Some(PathBuf::from("/run/epoxy.pid")));
     }
 
     #[test]

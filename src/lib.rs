@@ -34,6 +34,7 @@ pub mod health;
 pub mod migrate;
 pub mod net;
 pub mod outcome;
+pub mod pidfile;
 pub mod proxy_proto;
 pub mod selftest;
 pub mod sni;

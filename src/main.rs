@@ -2,12 +2,14 @@
 //! 2 usage/config error). The lifecycle (signals, drain, reload, summary) is the library's
 //! (`control.rs`).
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use epoxy::cli::{Cli, Subcommands};
 use epoxy::control::Lifecycle;
+use epoxy::pidfile::PidFile;
 use epoxy::upgrade::{self, Inherited, Predecessor};
 use epoxy::{Error, Proxy};
 
@@ -28,6 +30,21 @@ fn main() -> ExitCode {
         };
         return ExitCode::from(code);
     }
+    match &cli.command {
+        Some(Subcommands::Completions(args)) => {
+            return ExitCode::from(print_stdout(&epoxy::cli::completion_script(args.shell)));
+        }
+        Some(Subcommands::Manpage) => {
+            return match epoxy::cli::manpage() {
+                Ok(page) => ExitCode::from(print_stdout(&page)),
+                Err(e) => {
+                    eprintln!("proxy: render the man page: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Some(Subcommands::Selftest(_)) | None => {}
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(&cli) {
         Ok(code) => ExitCode::from(code),
@@ -40,9 +57,9 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<u8, Error> {
     if cli.check {
-        cli.to_config()?;
-        println!("ok");
-        return Ok(0);
+        let config = cli.to_config()?;
+        let text = format!("{}ok\n", epoxy::config::describe(&config));
+        return Ok(print_stdout(text.as_bytes()));
     }
     // Signals first, so a signal during start-up is not lost to the default handler.
     let mut life = Lifecycle::with_signals()?;
@@ -51,6 +68,15 @@ fn run(cli: &Cli) -> Result<u8, Error> {
         Some((old, sockets)) => (Some(old), sockets),
         None => (None, Inherited::from_systemd()?),
     };
+    // The pid file: after the handlers, so that whoever reads the PID and signals it finds
+    // them; a process started by an upgrade writes it only once it owns the listeners (until
+    // then the file names the old process, which keeps serving if this one fails). One that
+    // cannot be written is a runtime failure (exit 1), like a port that cannot be bound: the
+    // flags are well-formed, the host refuses. Held until `run` returns (after the summary).
+    let mut _pid_file = None;
+    if old.is_none() {
+        _pid_file = cli.pid_file.as_deref().map(PidFile::create).transpose()?;
+    }
     let started = cli
         .to_config()
         .map_err(Error::from)
@@ -68,6 +94,7 @@ fn run(cli: &Cli) -> Result<u8, Error> {
         Some(old) => {
             proxy.take_over(old)?;
             life.forget_upgrades()?;
+            _pid_file = cli.pid_file.as_deref().map(PidFile::create).transpose()?;
         }
         None => upgrade::notify(&[sd_notify::NotifyState::Ready]),
     }
@@ -77,4 +104,18 @@ fn run(cli: &Cli) -> Result<u8, Error> {
         eprintln!("proxy: {f}");
     }
     Ok(if done.failures.is_empty() { 0 } else { 1 })
+}
+
+/// Write `bytes` to stdout; the exit status: 0, or 1 with a message if stdout fails (a closed
+/// pipe, as in `proxy manpage | head`, is not worth one).
+fn print_stdout(bytes: &[u8]) -> u8 {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!("proxy: write to stdout: {e}");
+            1
+        }
+    }
 }

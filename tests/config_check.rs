@@ -1,4 +1,5 @@
-//! `proxy --check -c FILE` end to end: every shipped example passes with "ok" and exit 0; a
+//! `proxy --check -c FILE` end to end: every shipped example passes with "ok" and exit 0, and
+//! the resolved configuration (file or flags) is printed before it, one setting per line; a
 //! table of broken files in all three formats each fails with exit 2 and one message that
 //! names the file, the line (where the format has lines) and the key — never a panic.
 //! Uses only std: the files go to a fresh directory under the system temp dir.
@@ -419,4 +420,163 @@ fn check_accepts_port_zero() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// Run `proxy --check` with `args` (no file): (exit code, stdout, stderr).
+fn check_args(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .arg("--check")
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run proxy --check");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The lines of `stdout` that `want` lacks, as a message (empty when all are there).
+fn missing_lines(stdout: &str, want: &[&str]) -> String {
+    let lines: Vec<&str> = stdout.lines().collect();
+    want.iter()
+        .filter(|w| !lines.contains(w))
+        .map(|w| format!("missing {w:?}\n"))
+        .collect()
+}
+
+#[test]
+fn check_prints_the_resolved_multi_app_config_then_ok() {
+    let dir = scratch_dir();
+    let path = dir.join("multi.toml");
+    std::fs::write(
+        &path,
+        r#"
+[defaults]
+workers = 2
+max_conns = 900
+connect_timeout = "4s"
+grace_period = "12s"
+balance = "random"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[app]]
+name = "web"
+listen = ["127.0.0.1:0", "127.0.0.2:0"]
+targets = ["127.0.0.1:19001", { addr = "127.0.0.1:19002", weight = 5 }]
+max_conns = 300
+max_conns_per_source = 20
+idle_timeout = "90s"
+connect_timeout = "250ms"
+[app.health]
+interval = "3s"
+fall = 2
+
+[[app]]
+name = "edge"
+listen = ["127.0.0.3:0"]
+targets = ["127.0.0.1:19003"]
+accept_proxy = true
+send_proxy = "v1"
+deny = ["192.0.2.0/24"]
+"#,
+    )
+    .expect("write config");
+    let (code, stdout, stderr) = check(&path);
+    assert_eq!(code, Some(0), "stdout {stdout:?} stderr {stderr:?}");
+    assert_eq!(stdout.lines().last(), Some("ok"), "{stdout}");
+    let missing = missing_lines(
+        &stdout,
+        &[
+            &format!("source: {}", path.display()),
+            "workers: 2",
+            "max_conns: 900 (lowered at start if it does not fit the open-files or memory limit)",
+            "grace_period: 12s",
+            "admin: 127.0.0.1:0",
+            "apps: 2",
+            "app: web",
+            "  listen: 127.0.0.1:0, 127.0.0.2:0",
+            "  balance: random",
+            "  target: 127.0.0.1:19001 weight 1",
+            "  target: 127.0.0.1:19002 weight 5",
+            "  max_conns: 300",
+            "  max_conns_per_source: 20",
+            "  connect_timeout: 250ms",
+            "  idle_timeout: 90s",
+            "  health.active: interval 3s, timeout 1s, rise 2, fall 2",
+            "app: edge",
+            "  listen: 127.0.0.3:0",
+            "  target: 127.0.0.1:19003 weight 1",
+            "  max_conns: off (the process limit only)",
+            "  connect_timeout: 4s",
+            "  idle_timeout: off",
+            "  health.active: off",
+            "  accept_proxy: on",
+            "  send_proxy: v1",
+            "  deny: 192.0.2.0/24",
+        ],
+    );
+    assert!(missing.is_empty(), "{missing}in:\n{stdout}");
+    // Apps in file order, after the globals.
+    let at = |s: &str| stdout.lines().position(|l| l == s);
+    assert!(at("apps: 2") < at("app: web") && at("app: web") < at("app: edge"));
+    // The same file prints the same text.
+    assert_eq!(check(&path).1, stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn check_prints_the_config_the_flags_describe() {
+    let (code, stdout, stderr) = check_args(&[
+        "-l",
+        "127.0.0.1",
+        "-p",
+        "0",
+        "-P",
+        "19001",
+        "--idle-timeout",
+        "2m",
+        "--log-interval",
+        "off",
+        "--buffer-size",
+        "16384",
+    ]);
+    assert_eq!(code, Some(0), "stdout {stdout:?} stderr {stderr:?}");
+    assert_eq!(stdout.lines().last(), Some("ok"), "{stdout}");
+    let missing = missing_lines(
+        &stdout,
+        &[
+            "source: command line",
+            "buffer_size: 16384 B",
+            "log_interval: off",
+            "apps: 1",
+            "app: default",
+            "  listen: 127.0.0.1:0",
+            "  target: 127.0.0.1:19001 weight 1",
+            "  idle_timeout: 2m",
+        ],
+    );
+    assert!(missing.is_empty(), "{missing}in:\n{stdout}");
+}
+
+#[test]
+fn check_of_every_example_ends_with_ok_after_its_apps() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for entry in std::fs::read_dir(&dir).expect("read config/") {
+        let path = entry.expect("config/ entry").path();
+        if !path.is_file() {
+            continue;
+        }
+        let (code, stdout, stderr) = check(&path);
+        assert_eq!(code, Some(0), "{}: {stderr}", path.display());
+        assert_eq!(stdout.lines().last(), Some("ok"), "{}", path.display());
+        assert!(
+            stdout.lines().any(|l| l.starts_with("app: ")),
+            "{}: {stdout}",
+            path.display()
+        );
+    }
 }

@@ -13,6 +13,7 @@ mod routing;
 mod scale;
 mod selftest;
 mod stats_page;
+mod tools;
 mod upgrade;
 // Shared helpers; each test module uses only some of them.
 #[allow(dead_code)]

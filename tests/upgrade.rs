@@ -343,7 +343,20 @@ fn upgrade_with_invalid_config_keeps_serving() {
     become_subreaper();
     let echo = echo_server();
     let good = config(echo.addr());
-    let st = start_cfg("toml", 1, &[], true, &good);
+    let pid_path = std::env::temp_dir().join(format!(
+        "epoxy-upgrade-{}-{}.pid",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let pid_arg = pid_path.to_string_lossy().into_owned();
+    let pid_in_file = || {
+        std::fs::read_to_string(&pid_path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+    };
+    let st = start_cfg("toml", 1, &["--pid-file", &pid_arg], true, &good);
     let addr = st.addr(0);
     let admin = st.admin.expect("admin");
     let mut first = st.proxy;
@@ -367,6 +380,11 @@ fn upgrade_with_invalid_config_keeps_serving() {
     assert!(
         line.contains("key 'listen'") && line.contains("still serving"),
         "{line}"
+    );
+    assert_eq!(
+        pid_in_file(),
+        Some(old),
+        "the pid file must still name the old process"
     );
     assert!(
         children_of(old).is_empty(),
@@ -405,6 +423,8 @@ fn upgrade_with_invalid_config_keeps_serving() {
         "{:?}",
         first.status()
     );
+    // Rewritten by the new process; the old one left it alone at exit.
+    assert_eq!(pid_in_file(), Some(new));
     let text = metrics_text(admin);
     assert_eq!(
         metric(&text, "epoxy_upgrades_total", &[("result", "success")]),
@@ -418,6 +438,7 @@ fn upgrade_with_invalid_config_keeps_serving() {
     send_signal(new, libc::SIGTERM).expect("SIGTERM");
     assert_eq!(reap(new, scaled_secs(30)), Some(0));
     gens.0.clear();
+    assert_eq!(pid_in_file(), None, "the pid file is removed at exit");
 }
 
 /// `kill -9` of the new process before it is ready: the old one keeps every connection and

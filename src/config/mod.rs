@@ -13,6 +13,7 @@
 //! This module must never open sockets or read the clock.
 
 pub mod args;
+pub mod describe;
 pub mod error;
 pub mod file;
 pub mod json;
@@ -27,6 +28,7 @@ use std::time::Duration;
 pub use crate::acl::Cidr;
 
 pub use args::AppArgs;
+pub use describe::describe;
 pub use error::ConfigError;
 pub use raw::RawDoc;
 pub use resolve::{MAX_CPU, MAX_WORKERS, Overrides, apply_overrides, parse_duration, resolve};
