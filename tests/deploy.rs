@@ -75,10 +75,8 @@ impl Scratch {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "epoxy-deploy-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("epoxy-deploy-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create scratch dir");
         Scratch(dir)
     }
@@ -211,7 +209,9 @@ fn cluster_config_here(contents: &str) -> String {
         .collect();
     if !ok {
         assert!(
-            names.iter().any(|n| err.contains(&format!("cannot resolve host '{n}'"))),
+            names
+                .iter()
+                .any(|n| err.contains(&format!("cannot resolve host '{n}'"))),
             "proxy --check rejects the ConfigMap's proxy.toml for another reason than an \
              unresolvable cluster name ({names:?}):\nstdout: {out}\nstderr: {err}"
         );
@@ -287,7 +287,10 @@ fn systemd_units_verify_with_the_built_binary() {
     let lines: Vec<&str> = unit.lines().filter(|l| l.starts_with(&exec)).collect();
     assert_eq!(lines.len(), 1, "one ExecStart={INSTALLED_BIN} line");
     // `verify` checks that ExecStart's binary exists: point it at the binary under test.
-    let copy = unit.replace(&exec, &format!("ExecStart={} ", env!("CARGO_BIN_EXE_proxy")));
+    let copy = unit.replace(
+        &exec,
+        &format!("ExecStart={} ", env!("CARGO_BIN_EXE_proxy")),
+    );
     let dir = Scratch::new("systemd");
     let service = dir.0.join("epoxy.service");
     let socket = dir.0.join("epoxy.socket");
@@ -378,7 +381,10 @@ fn systemd_unit_settings_fit_the_proxy() {
         unit_value(&s, "CapabilityBoundingSet"),
         "CAP_NET_BIND_SERVICE"
     );
-    assert_eq!(unit_value(&s, "AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(
+        unit_value(&s, "AmbientCapabilities"),
+        "CAP_NET_BIND_SERVICE"
+    );
 
     // The stop timeout covers the sample config's drain.
     let cfg = load(&read("deploy/proxy.toml"), "deploy/proxy.toml");
@@ -402,8 +408,11 @@ fn systemd_socket_matches_the_sample_config() {
         })
         .collect();
     let cfg = load(&read("deploy/proxy.toml"), "deploy/proxy.toml");
-    let mut want: BTreeSet<SocketAddr> =
-        cfg.apps.iter().flat_map(|a| a.listen.iter().copied()).collect();
+    let mut want: BTreeSet<SocketAddr> = cfg
+        .apps
+        .iter()
+        .flat_map(|a| a.listen.iter().copied())
+        .collect();
     want.extend(cfg.admin);
     assert_eq!(
         socket, want,
@@ -458,11 +467,7 @@ fn yaml_docs(path: &Path) -> Vec<Value> {
         !stderr.contains("No module named 'yaml'"),
         "PyYAML is missing: run `{KV_INSTALL}` (it brings PyYAML; .ci/run does)"
     );
-    assert!(
-        out.status.success(),
-        "parse {}: {stderr}",
-        path.display()
-    );
+    assert!(out.status.success(), "parse {}: {stderr}", path.display());
     serde_json::from_slice(&out.stdout).expect("JSON from PyYAML")
 }
 
@@ -611,7 +616,11 @@ fn servicemonitor_scrapes_the_admin_port() {
     let k = kube();
     let (_, c) = pod(&k);
     let labels = &find(&k.all, "Deployment", "epoxy")["spec"]["template"]["metadata"]["labels"];
-    let admin = k.config.admin.expect("the ConfigMap's config has [admin]").port();
+    let admin = k
+        .config
+        .admin
+        .expect("the ConfigMap's config has [admin]")
+        .port();
     let monitors = all_of(&k.all, "ServiceMonitor");
     assert_eq!(monitors.len(), 1, "one ServiceMonitor");
     let sm = monitors[0];
@@ -688,7 +697,7 @@ fn kubernetes_manifests_agree_with_the_configmap() {
     // both it and grace_period.
     let pre_stop = c["lifecycle"].get("preStop").is_some();
     assert!(
-        !(pre_stop && !cfg.drain_delay.is_zero()),
+        !pre_stop || cfg.drain_delay.is_zero(),
         "drain_delay and a preStop hook both delay the drain: keep one"
     );
     let tgps = spec["terminationGracePeriodSeconds"]
@@ -707,7 +716,10 @@ fn kubernetes_manifests_agree_with_the_configmap() {
         .flatten()
         .find(|v| v["configMap"]["name"] == "epoxy-config")
         .expect("a volume from the ConfigMap");
-    assert!(vol["configMap"].get("items").is_none(), "the whole ConfigMap");
+    assert!(
+        vol["configMap"].get("items").is_none(),
+        "the whole ConfigMap"
+    );
     let mount = c["volumeMounts"]
         .as_array()
         .into_iter()
@@ -783,7 +795,8 @@ fn kubernetes_manifests_agree_with_the_configmap() {
     );
     for app in &cfg.apps {
         assert_eq!(
-            app.accept_proxy, pp_on,
+            app.accept_proxy,
+            pp_on,
             "app '{}': accept_proxy must be {pp_on} with the annotation {}",
             app.name,
             if pp_on { "on" } else { "off" }
@@ -902,7 +915,11 @@ fn dockerfile(last_stage: bool) -> Vec<(String, String)> {
 }
 
 fn docker_one(ins: &[(String, String)], name: &str) -> String {
-    let v: Vec<&String> = ins.iter().filter(|(i, _)| i == name).map(|(_, a)| a).collect();
+    let v: Vec<&String> = ins
+        .iter()
+        .filter(|(i, _)| i == name)
+        .map(|(_, a)| a)
+        .collect();
     assert_eq!(v.len(), 1, "the final stage has one {name}");
     v[0].clone()
 }
