@@ -5,6 +5,7 @@
 mod admin_abuse;
 mod config_check;
 mod core;
+mod deploy;
 mod edge;
 mod fuzz_corpus;
 mod migrate;
