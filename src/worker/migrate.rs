@@ -1,9 +1,9 @@
 //! Moving live pairs between processes during an upgrade (`upgrade_migrate`), the worker's
-//! part. Old process: [`Worker::export`] parks established pairs (both sockets deregistered,
+//! part. Old process: `Worker::export` parks established pairs (both sockets deregistered,
 //! nothing read or written from then on) and describes each as a [`PairRecord`] with
-//! duplicates of its two sockets; [`Worker::settle`] then forgets the pairs the new process
+//! duplicates of its two sockets; `Worker::settle` then forgets the pairs the new process
 //! took (closing only this process's copies: no FIN, no reset) and resumes the others exactly
-//! where they stopped. New process: [`Worker::adopt`] rebuilds each pair (buffers refilled,
+//! where they stopped. New process: `Worker::adopt` rebuilds each pair (buffers refilled,
 //! counters, flags, age and idle time kept) and registers it. The control threads of the two
 //! processes decide who owns what (see `upgrade.rs`): a pair is never served by both.
 
