@@ -67,9 +67,13 @@ pub struct Cli {
     /// Log one line per closed connection (target "access")
     #[arg(long)]
     pub access_log: bool,
-    /// Relay with splice(2) through kernel pipes instead of user-space buffers
-    #[arg(long)]
+    /// Relay every direction with splice(2) through kernel pipes instead of user-space
+    /// buffers (the default, splice = "auto", does so only for bulk directions)
+    #[arg(long, conflicts_with = "no_splice")]
     pub splice: bool,
+    /// Never relay through kernel pipes, not even bulk directions (splice = false)
+    #[arg(long)]
+    pub no_splice: bool,
     /// On SIGTERM, keep listening this long after readyz turns 503 [default: 0s]
     #[arg(long, value_name = "DUR", value_parser = parse_duration_any)]
     pub drain_delay: Option<Duration>,
@@ -223,7 +227,11 @@ impl Cli {
             log_interval: self.log_interval.map(|d| d.0),
             admin: self.admin,
             access_log: self.access_log.then_some(true),
-            splice: self.splice.then_some(true),
+            splice: if self.no_splice {
+                Some(false)
+            } else {
+                self.splice.then_some(true)
+            },
         }
     }
 

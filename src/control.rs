@@ -39,6 +39,11 @@ const MIGRATE_BATCH: usize = sys::MAX_FDS_PER_MESSAGE / 2;
 /// How long the old process waits for the new one to answer a batch.
 const MIGRATE_ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Kernel pipes per worker for `splice = "auto"` (2 fds each): bulk directions hold one only
+/// while bytes sit in it, so this bounds concurrent bulk moves, not bulk pairs; the excess
+/// relays through buffers.
+pub const AUTO_PIPES_PER_WORKER: usize = 64;
+
 /// File descriptors kept free for listeners, the poll, logging and the like.
 const FD_RESERVE: u64 = 32;
 /// How often the lifecycle loop checks for worker exit and periodic work.
@@ -463,10 +468,19 @@ impl Proxy {
         } else {
             0
         };
+        // `splice = "auto"` only: a fixed number of pipes per worker, set apart like the
+        // admin's fds (with `splice = true` somewhere, the per-pair share below covers it).
+        let auto_pipes = if config.apps.iter().any(|a| a.splice) {
+            0
+        } else if config.apps.iter().any(|a| a.splice_auto) {
+            AUTO_PIPES_PER_WORKER
+        } else {
+            0
+        };
         let (max_conns, notes) = effective_max_conns(
             &config,
             nofile,
-            keys.len() * nworkers + admin_fds,
+            keys.len() * nworkers + admin_fds + 2 * auto_pipes * nworkers,
             mem_limit,
         );
         for note in notes {
@@ -482,7 +496,7 @@ impl Proxy {
         let pipe_budget = if config.apps.iter().any(|a| a.splice) {
             (max_conns / 4).max(16).div_ceil(nworkers)
         } else {
-            0
+            auto_pipes
         };
         if !config.cpu_pin.is_empty() {
             let allowed = sys::allowed_cpus().unwrap_or_default();

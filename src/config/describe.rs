@@ -147,7 +147,14 @@ fn write_app(out: &mut String, app: &AppConfig) -> fmt::Result {
         writeln!(out, "  sni_required: {}", on_off(app.sni_required))?;
     }
     writeln!(out, "  access_log: {}", on_off(app.access_log))?;
-    writeln!(out, "  splice: {}", on_off(app.splice))?;
+    let splice = if app.splice {
+        "on"
+    } else if app.splice_auto {
+        "auto"
+    } else {
+        "off"
+    };
+    writeln!(out, "  splice: {splice}")?;
     Ok(())
 }
 
@@ -323,7 +330,7 @@ access_log = true
             "  allow: all",
             "  deny: none",
             "  access_log: off",
-            "  splice: off",
+            "  splice: auto",
             "app: tls",
             "  listen: 127.0.0.1:18443",
             "  balance: round-robin",

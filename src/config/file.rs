@@ -47,7 +47,7 @@ pub struct Defaults {
     pub balance: Option<Spanned<String>>,
     pub retries: Option<Spanned<i64>>,
     pub access_log: Option<Spanned<bool>>,
-    pub splice: Option<Spanned<bool>>,
+    pub splice: Option<Spanned<SpliceFile>>,
     pub health: Option<HealthFile>,
     pub send_proxy: Option<Spanned<String>>,
     pub accept_proxy: Option<Spanned<bool>>,
@@ -79,7 +79,7 @@ pub struct AppFile {
     pub balance: Option<Spanned<String>>,
     pub retries: Option<Spanned<i64>>,
     pub access_log: Option<Spanned<bool>>,
-    pub splice: Option<Spanned<bool>>,
+    pub splice: Option<Spanned<SpliceFile>>,
     pub health: Option<HealthFile>,
     pub send_proxy: Option<Spanned<String>>,
     pub accept_proxy: Option<Spanned<bool>>,
@@ -130,6 +130,32 @@ impl<'de> Deserialize<'de> for DurationText {
             }
         }
         d.deserialize_str(V)
+    }
+}
+
+/// `splice`: a boolean or a string ("auto").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpliceFile {
+    Bool(bool),
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for SpliceFile {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SpliceFile;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or \"auto\"")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<SpliceFile, E> {
+                Ok(SpliceFile::Bool(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SpliceFile, E> {
+                Ok(SpliceFile::Word(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -259,7 +285,13 @@ macro_rules! app_settings {
             balance: s.balance.as_ref().map(|v| at(text, v)),
             retries: s.retries.as_ref().map(|v| at(text, v)),
             access_log: s.access_log.as_ref().map(|v| at(text, v)),
-            splice: s.splice.as_ref().map(|v| at(text, v)),
+            splice: s.splice.as_ref().map(|v| {
+                let raw = match v.get_ref() {
+                    SpliceFile::Bool(b) => crate::config::raw::RawSplice::Bool(*b),
+                    SpliceFile::Word(w) => crate::config::raw::RawSplice::Word(w.clone()),
+                };
+                At::new(raw, Some(line_of(text, v.span().start)))
+            }),
             health: s.health.as_ref().map(|h| health(text, h)),
             send_proxy: s.send_proxy.as_ref().map(|v| at(text, v)),
             accept_proxy: s.accept_proxy.as_ref().map(|v| at(text, v)),

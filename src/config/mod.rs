@@ -236,7 +236,11 @@ pub struct AppConfig {
     pub retries: Option<usize>,
     pub health: HealthConfig,
     pub access_log: bool,
+    /// `splice = true`: every direction relays through kernel pipes.
     pub splice: bool,
+    /// `splice = "auto"` (the default): a direction moves to a kernel pipe while it is bulk
+    /// (its buffer filled on consecutive reads) and back to its buffer when it turns quiet.
+    pub splice_auto: bool,
     /// Write a PROXY protocol header toward the target before any client byte.
     pub send_proxy: Option<ProxyVersion>,
     /// Read a PROXY protocol (v1 or v2) header from the client before choosing a target.
@@ -349,6 +353,7 @@ impl AppConfig {
             health: HealthConfig::default(),
             access_log: false,
             splice: false,
+            splice_auto: true,
             send_proxy: None,
             accept_proxy: false,
             proxy_header_timeout: DEFAULT_PROXY_HEADER_TIMEOUT,

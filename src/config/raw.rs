@@ -60,6 +60,13 @@ pub struct RawHealth {
     pub fall: Option<At<i64>>,
 }
 
+/// `splice` as written: `true`, `false` or a word (only `"auto"` is valid).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawSplice {
+    Bool(bool),
+    Word(String),
+}
+
 /// Settings an app may carry and `[defaults]` may give for every app.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RawAppSettings {
@@ -68,7 +75,7 @@ pub struct RawAppSettings {
     pub balance: Option<At<String>>,
     pub retries: Option<At<i64>>,
     pub access_log: Option<At<bool>>,
-    pub splice: Option<At<bool>>,
+    pub splice: Option<At<RawSplice>>,
     pub health: Option<RawHealth>,
     /// `"v1"` or `"v2"`.
     pub send_proxy: Option<At<String>>,

@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use super::error::{ConfigError, escape_controls};
 use super::raw::{
-    At, RawApp, RawAppSettings, RawDoc, RawGlobals, RawHealth, RawListen, RawListenAt, RawTarget,
-    RawWorkers,
+    At, RawApp, RawAppSettings, RawDoc, RawGlobals, RawHealth, RawListen, RawListenAt, RawSplice,
+    RawTarget, RawWorkers,
 };
 use super::{
     ActiveHealth, AppConfig, Balance, Cidr, Config, HealthConfig, ProxyVersion, RouteConfig,
@@ -311,7 +311,22 @@ impl Settings {
             usize_in(ctx, "retries", v, 0, MAX_RETRIES).map(Some)
         })?;
         set(&mut a.access_log, &raw.access_log, |v| Ok(v.value))?;
-        set(&mut a.splice, &raw.splice, |v| Ok(v.value))?;
+        if let Some(v) = &raw.splice {
+            (a.splice, a.splice_auto) = match &v.value {
+                RawSplice::Bool(b) => (*b, false),
+                RawSplice::Word(w) if w.trim() == "auto" => (false, true),
+                RawSplice::Word(w) => {
+                    return Err(ctx.err(
+                        v.line,
+                        "splice",
+                        format!(
+                            "must be true, false or \"auto\", not \"{}\"",
+                            escape_controls(w)
+                        ),
+                    ));
+                }
+            };
+        }
         set(&mut a.send_proxy, &raw.send_proxy, |v| {
             proxy_version(ctx, v).map(Some)
         })?;
@@ -1063,7 +1078,9 @@ fn override_app(app: &mut AppConfig, ov: &Overrides) {
         app.access_log = a;
     }
     if let Some(s) = ov.splice {
+        // --splice: always; --no-splice: never (not even adaptively).
         app.splice = s;
+        app.splice_auto = false;
     }
 }
 

@@ -140,9 +140,10 @@ impl Worker {
         let idx = entry.key();
         let preface = Worker::needs_preface(&app_rt);
         let deadline = self.now + app_rt.cfg.proxy_header_timeout;
-        let splice = app_rt.cfg.splice;
+        let (splice, auto) = (app_rt.cfg.splice, app_rt.cfg.splice_auto);
         let mut pair = Pair::new(sock, addr, app_rt, app, self.now);
         pair.splice = splice;
+        pair.splice_auto = auto && !splice;
         if preface {
             pair.state = PairState::Preface;
             pair.deadline = deadline;

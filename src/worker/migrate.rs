@@ -244,6 +244,7 @@ impl Worker {
             pair.n_candidates = 1;
             pair.attempt = 1;
             pair.splice = rec.splice && imp.app.cfg.splice;
+            pair.splice_auto = imp.app.cfg.splice_auto && !pair.splice;
             pair.client.readable = true;
             pair.client.writable = true;
             pair.client.peer_closed = rec.client_peer_closed;

@@ -75,6 +75,10 @@ pub struct Flow {
     /// The first `header` pending bytes of `buf` are a PROXY header written by epoxy, not
     /// payload: they count toward neither `read` nor `written`.
     pub header: u16,
+    /// Consecutive reads that filled the buffer (or a pipe read of at least a buffer's
+    /// worth): at `relay::BULK_READS` the direction is bulk and, with `splice = "auto"`,
+    /// reads into a pipe; a short read resets it (back to the buffer).
+    pub bulk: u8,
 }
 
 impl Flow {
@@ -130,6 +134,9 @@ pub struct Pair {
     pub last_active: Instant,
     /// Relay with splice(2) (turned off for good if the kernel refuses it for this pair).
     pub splice: bool,
+    /// `splice = "auto"`: a direction relays through a pipe while it is bulk (see
+    /// `Flow::bulk`); turned off for good if the kernel refuses splice for this pair.
+    pub splice_auto: bool,
     /// The upstream socket could not be created for lack of file descriptors: the connect is
     /// retried by the timer until `deadline` (not the target's fault; health is untouched).
     pub waiting_fd: bool,
@@ -175,6 +182,7 @@ impl Pair {
             connect_time: Duration::ZERO,
             last_active: now,
             splice: false,
+            splice_auto: false,
             waiting_fd: false,
             parked: false,
         }

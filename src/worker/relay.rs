@@ -33,7 +33,7 @@ impl Worker {
             &mut pair.to_upstream,
             &mut self.pool,
             &mut self.pipes,
-            &mut pair.splice,
+            (&mut pair.splice, &mut pair.splice_auto),
             Side::Client,
             down_done,
         );
@@ -45,7 +45,7 @@ impl Worker {
                 &mut pair.to_client,
                 &mut self.pool,
                 &mut self.pipes,
-                &mut pair.splice,
+                (&mut pair.splice, &mut pair.splice_auto),
                 Side::Upstream,
                 up_done,
             ),
@@ -103,6 +103,10 @@ pub struct PipePool {
     live: usize,
     budget: usize,
 }
+
+/// Consecutive full-buffer reads after which a direction counts as bulk (`splice = "auto"`
+/// then moves it to a pipe: 64 KiB per system call instead of one buffer's worth).
+pub const BULK_READS: u8 = 2;
 
 /// Most bytes one splice call moves into a pipe (the pipe's capacity bounds it anyway).
 const SPLICE_CHUNK: usize = 1 << 20;
@@ -171,7 +175,7 @@ fn pump(
     flow: &mut Flow,
     pool: &mut BufPool,
     pipes: &mut PipePool,
-    splice: &mut bool,
+    (splice, auto): (&mut bool, &mut bool),
     src_side: Side,
     other_done: bool,
 ) -> Result<u64, CloseReason> {
@@ -238,10 +242,13 @@ fn pump(
         let Some(sock) = src.sock.as_mut() else {
             break Err(CloseReason::Internal);
         };
-        if *splice && flow.pipe.is_none() {
+        // Always (`splice = true`), or while this direction is bulk (`"auto"`). The buffer is
+        // empty here, so switching keeps the order of bytes.
+        let want_pipe = *splice || (*auto && flow.bulk >= BULK_READS);
+        if want_pipe && flow.pipe.is_none() {
             flow.pipe = pipes.take();
         }
-        let via_pipe = *splice && flow.pipe.is_some();
+        let via_pipe = want_pipe && flow.pipe.is_some();
         let mut room = SPLICE_CHUNK;
         let res = match flow.pipe.as_ref() {
             Some(pipe) if via_pipe => {
@@ -262,10 +269,19 @@ fn pump(
             Ok(n) => {
                 if via_pipe {
                     flow.piped = n;
+                    // Less than a buffer's worth: quiet again, back to the buffer.
+                    if n < pool.buffer_size() {
+                        flow.bulk = 0;
+                    }
                 } else {
                     flow.buf.filled(n);
-                    if n < room && !src.peer_closed {
-                        src.readable = false;
+                    if n < room {
+                        flow.bulk = 0;
+                        if !src.peer_closed {
+                            src.readable = false;
+                        }
+                    } else {
+                        flow.bulk = flow.bulk.saturating_add(1);
                     }
                 }
                 flow.read += n as u64;
@@ -278,6 +294,7 @@ fn pump(
             Err(e) if via_pipe && splice_unsupported(&e) => {
                 log::debug!("splice refused ({e}); this pair falls back to buffers");
                 *splice = false;
+                *auto = false;
             }
             Err(e) => break Err(CloseReason::from_io(src_side, e.kind())),
         }
