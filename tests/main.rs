@@ -13,6 +13,7 @@ mod observe;
 mod routing;
 mod scale;
 mod selftest;
+mod splice_auto;
 mod stats_page;
 mod tools;
 mod upgrade;
