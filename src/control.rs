@@ -136,7 +136,7 @@ impl upgrade::Adopter for Adoption {
             .data
             .len()
             .max(record.to_client.data.len());
-        if held > self.buffer_size {
+        if held > self.buffer_size.max(crate::worker::migrate::MAX_PIPED) {
             return Err(format!(
                 "{held} buffered bytes do not fit buffer_size {}",
                 self.buffer_size

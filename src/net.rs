@@ -24,6 +24,7 @@ pub fn bind_listener(
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    tune_listener(socket2::SockRef::from(&socket))?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(socket.into())
@@ -36,7 +37,29 @@ pub fn connect_nonblocking(addr: SocketAddr) -> io::Result<mio::net::TcpStream> 
     Ok(stream)
 }
 
-/// Tuning for an accepted client socket.
-pub fn tune_accepted(stream: &mio::net::TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)
+/// Options every listening socket gets, whoever bound it (this process, an old one before
+/// an upgrade, systemd): TCP_NODELAY, which Linux copies to each accepted socket, so the
+/// accept path sets nothing per connection.
+pub fn tune_listener(sock: socket2::SockRef<'_>) -> io::Result<()> {
+    sock.set_tcp_nodelay(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept path sets no option per connection: TCP_NODELAY must come from the
+    /// listener (Linux copies it to accepted sockets).
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let l = bind_listener("127.0.0.1:0".parse().expect("addr"), 16, false).expect("bind");
+        l.set_nonblocking(false).expect("blocking");
+        let addr = l.local_addr().expect("addr");
+        let _c = std::net::TcpStream::connect(addr).expect("connect");
+        let (a, _) = l.accept().expect("accept");
+        assert!(
+            a.nodelay().expect("getsockopt"),
+            "TCP_NODELAY not inherited"
+        );
+    }
 }

@@ -498,6 +498,39 @@ pub fn adopt_fd(n: i32) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(n) })
 }
 
+/// tee(2): copy up to `len` bytes from pipe `fd_in` to pipe `fd_out` without consuming them.
+pub fn tee(fd_in: std::os::fd::RawFd, fd_out: std::os::fd::RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on caller-provided pipe fds; no memory is passed to the kernel.
+    let n = unsafe { libc::tee(fd_in, fd_out, len, libc::SPLICE_F_NONBLOCK) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// read(2) from a descriptor (a pipe) into `buf`.
+pub fn read_fd(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid and writable for `buf.len()` bytes during the call.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// write(2) `buf` to a descriptor (a pipe).
+pub fn write_fd(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid and readable for `buf.len()` bytes during the call.
+    let n = unsafe { libc::write(fd, buf.as_ptr() as *const libc::c_void, buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -589,6 +589,7 @@ fn listener_from(fd: OwnedFd) -> io::Result<TcpListener> {
         .as_socket()
         .ok_or_else(|| invalid("not a TCP/IP socket".into()))?;
     sock.set_nonblocking(true)?;
+    crate::net::tune_listener(socket2::SockRef::from(&sock))?;
     Ok(sock.into())
 }
 

@@ -236,6 +236,17 @@ fn half_closed_pair_moves_intact() {
 /// read everything, in order.
 #[test]
 fn pair_with_full_buffers_both_ways_moves_intact() {
+    // splice = "auto": the held bytes sit in kernel pipes (copied out with tee, moved, and
+    // written into pipes of the new process).
+    full_buffers_both_ways("");
+}
+
+#[test]
+fn pair_with_full_buffers_both_ways_moves_intact_without_splice() {
+    full_buffers_both_ways("splice = false\n");
+}
+
+fn full_buffers_both_ways(app_extra: &str) {
     const N: u64 = 64 << 20;
     let go = Arc::new(AtomicBool::new(false));
     let backend_hash = Arc::new(Mutex::new(None));
@@ -251,7 +262,7 @@ fn pair_with_full_buffers_both_ways_moves_intact() {
         *bh2.lock().expect("lock") = Some(h.map_err(|e| e.to_string()));
         let _ = writer.join();
     });
-    let mut p = OnePair::start(backend.addr(), "");
+    let mut p = OnePair::start(backend.addr(), app_extra);
     let c = connect(p.addr);
     let mut cw = c.try_clone().expect("clone");
     let writer = thread::spawn(move || write_pattern(&mut cw, 10, N).map(|_| ()));

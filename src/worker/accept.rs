@@ -12,7 +12,6 @@ use super::pair::{Pair, PairState};
 use super::token;
 use super::{EMFILE_BACKOFF, Worker};
 use crate::backend::resume_mark;
-use crate::net;
 use crate::outcome::{CloseReason, PauseCause, Side};
 use crate::stats::Limit;
 
@@ -120,9 +119,8 @@ impl Worker {
 
     /// A client accepted into a reserved slot becomes a pair and starts connecting.
     fn on_accept(&mut self, sock: mio::net::TcpStream, addr: std::net::SocketAddr, app: usize) {
-        if let Err(e) = net::tune_accepted(&sock) {
-            log::debug!("tune accepted socket: {e}");
-        }
+        // TCP_NODELAY comes from the listener (Linux copies it to accepted sockets; see
+        // `net::bind_listener`): no setsockopt per connection.
         let app_rt = self.apps[app].clone();
         if self.pairs.len() >= self.pairs.capacity() {
             // Cannot happen: `admit` checks the slab before reserving. Refuse loudly rather

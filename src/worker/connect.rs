@@ -140,6 +140,15 @@ impl Worker {
                 return;
             }
         }
+        // mio's procedure asks `peer_addr` to tell a completed connect from a spurious
+        // wake-up. With epoll, EPOLLOUT on a connecting socket is raised only when the
+        // handshake finished (a failure also sets SO_ERROR, checked above), so a writable
+        // event without a hang-up and with SO_ERROR clear is a connect: the getpeername is
+        // kept only for other wake-ups (readable-only, or a hang-up).
+        if pair.upstream.writable && !pair.upstream.peer_closed {
+            self.connected(idx);
+            return;
+        }
         match sock.peer_addr() {
             Ok(_) => self.connected(idx),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {

@@ -54,6 +54,33 @@ fn flow_record(f: &super::pair::Flow, data: Vec<u8>) -> FlowRecord {
     }
 }
 
+/// Largest number of bytes a flow may hold in a pipe and still move (a default pipe's
+/// capacity: the new process writes them into a pipe of its own).
+pub const MAX_PIPED: usize = 64 << 10;
+
+/// A copy of the `piped` bytes sitting in `pipe`, left in place (tee(2) into a scratch pipe,
+/// then read). `None`: they could not be copied whole.
+fn copy_piped(pipe: &crate::sys::Pipe, piped: usize) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    if piped > MAX_PIPED {
+        return None;
+    }
+    let scratch = crate::sys::pipe().ok()?;
+    let n = crate::sys::tee(pipe.r.as_raw_fd(), scratch.w.as_raw_fd(), piped).ok()?;
+    if n != piped {
+        return None;
+    }
+    let mut out = vec![0u8; piped];
+    let mut got = 0;
+    while got < piped {
+        match crate::sys::read_fd(scratch.r.as_raw_fd(), &mut out[got..]) {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => got += k,
+        }
+    }
+    Some(out)
+}
+
 /// Whether a server name fits the record (the preface keeps what the client sent).
 fn record_name(b: &[u8]) -> String {
     if b.iter()
@@ -93,7 +120,22 @@ impl Worker {
                 }
                 PairState::Closed => continue,
             }
-            if pair.to_upstream.piped > 0 || pair.to_client.piped > 0 {
+            // Bytes in a pipe (splice) are copied, not consumed: an aborted move finds the
+            // pair exactly as it was.
+            let mut piped_copy: [Option<Vec<u8>>; 2] = [None, None];
+            let mut copied = true;
+            for (slot, flow) in piped_copy
+                .iter_mut()
+                .zip([&pair.to_upstream, &pair.to_client])
+            {
+                if flow.piped > 0 {
+                    match flow.pipe.as_ref().and_then(|p| copy_piped(p, flow.piped)) {
+                        Some(v) => *slot = Some(v),
+                        None => copied = false,
+                    }
+                }
+            }
+            if !copied {
                 out.waiting += 1;
                 continue;
             }
@@ -125,13 +167,10 @@ impl Worker {
                 }
             }
             pair.parked = true;
-            for flow in [&mut pair.to_upstream, &mut pair.to_client] {
-                if let Some(p) = flow.pipe.take() {
-                    self.pipes.give(p, true);
-                }
-            }
-            let up = pair.to_upstream.buf.data(&mut self.pool).to_vec();
-            let down = pair.to_client.buf.data(&mut self.pool).to_vec();
+            let [up_piped, down_piped] = piped_copy;
+            let up = up_piped.unwrap_or_else(|| pair.to_upstream.buf.data(&mut self.pool).to_vec());
+            let down =
+                down_piped.unwrap_or_else(|| pair.to_client.buf.data(&mut self.pool).to_vec());
             let record = PairRecord {
                 app: pair.app.cfg.name.clone(),
                 target: pair
@@ -262,7 +301,25 @@ impl Worker {
                 flow.header = r.header;
                 flow.eof = r.eof;
                 flow.shut = r.shut;
-                if !r.data.is_empty() {
+                if r.data.len() > self.pool.buffer_size() {
+                    // They were in a pipe in the old process: back into a pipe.
+                    match self.pipes.take_any() {
+                        Some(p) => {
+                            use std::os::fd::AsRawFd;
+                            let mut put = 0;
+                            while put < r.data.len() {
+                                match crate::sys::write_fd(p.w.as_raw_fd(), &r.data[put..]) {
+                                    Ok(n) if n > 0 => put += n,
+                                    _ => break,
+                                }
+                            }
+                            ok &= put == r.data.len();
+                            flow.piped = put;
+                            flow.pipe = Some(p);
+                        }
+                        None => ok = false,
+                    }
+                } else if !r.data.is_empty() {
                     match flow.buf.space(&mut self.pool) {
                         Some(space) if space.len() >= r.data.len() => {
                             space[..r.data.len()].copy_from_slice(&r.data);

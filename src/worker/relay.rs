@@ -141,6 +141,24 @@ impl PipePool {
         }
     }
 
+    /// A pipe even beyond the budget (a pair moved here by an upgrade with bytes that were in
+    /// a pipe: they must go back into one). Counted as live like any other.
+    pub fn take_any(&mut self) -> Option<Pipe> {
+        if let Some(p) = self.take() {
+            return Some(p);
+        }
+        match sys::pipe() {
+            Ok(p) => {
+                self.live += 1;
+                Some(p)
+            }
+            Err(e) => {
+                log::warn!("pipe: {e}");
+                None
+            }
+        }
+    }
+
     /// Return an empty pipe (or one whose bytes are abandoned: it is closed then).
     pub fn give(&mut self, pipe: Pipe, empty: bool) {
         if empty && self.free.len() < self.free.capacity() {
