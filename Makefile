@@ -17,8 +17,11 @@ test:
 	$(CARGO) clippy --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
 	$(CARGO) test --release
-	# The core data-plane tests once more against two worker loops (SO_REUSEPORT).
+	# The core data-plane tests once more against two worker loops (SO_REUSEPORT), and once
+	# with the buffer path only (--no-splice; the default, splice = "auto", switches bulk
+	# directions to kernel pipes).
 	EPOXY_TEST_WORKERS=2 $(CARGO) test --release --test main core::
+	EPOXY_TEST_SPLICE=off $(CARGO) test --release --test main core::
 	# And against a debug build, which checks the worker's invariants after every batch
 	# (core data plane, and the preface path of the edge features).
 	$(CARGO) test --test main -- core:: edge::

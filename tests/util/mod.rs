@@ -237,6 +237,15 @@ pub fn proxy_args(backend: SocketAddr, extra: &[&str]) -> Vec<String> {
         backend.port().to_string(),
     ];
     v.extend(extra.iter().map(|s| s.to_string()));
+    // `EPOXY_TEST_SPLICE=off|on cargo test` runs the same tests with `--no-splice` (the
+    // buffer path only) or `--splice` (pipes always) instead of the default "auto".
+    match std::env::var("EPOXY_TEST_SPLICE").as_deref() {
+        Ok("off") if !extra.contains(&"--splice") => v.push("--no-splice".into()),
+        Ok("on") if !extra.contains(&"--no-splice") && !extra.contains(&"--splice") => {
+            v.push("--splice".into())
+        }
+        _ => {}
+    }
     // `EPOXY_TEST_WORKERS=2 cargo test` runs the same tests against several worker loops.
     if let Ok(w) = std::env::var("EPOXY_TEST_WORKERS")
         && !extra.contains(&"--workers")
