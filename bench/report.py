@@ -12,6 +12,15 @@ Outputs:
   --chart F   SVG chart (gnuplot; matplotlib as fallback) of the throughput ratios to
               direct and the CPU per request of each proxy
 Always prints a compact summary table to stdout.
+
+Host CPU: run.sh records host-wide busy CPU (/proc/stat) per unit of work for every
+target, direct included. "host extra" is a target's figure minus direct's figure of
+the same phase and round (paired per round, then the median): the host CPU the proxy
+path adds, kernel work charged outside the proxy process included.
+
+Cheapest peer: for each (phase, metric), the better of pen and nginx on that figure
+(the lower for CPU and latency, the higher for throughput); ratios to it are quoted
+next to the ratios to HAProxy and to direct.
 """
 
 import argparse
@@ -65,7 +74,19 @@ METRICS = {
     "rss_after_kib": ("proxy RSS after", "KiB", ""),
     "rss_bytes_per_pair": ("RSS per idle pair", "bytes", "lo"),
     "crashed": ("proxy died", "", "lo"),
+    "host_cpu_us_per_req": ("host CPU per request", "us", "lo"),
+    "host_extra_us_per_req": ("host CPU per request over direct", "us", "lo"),
+    "host_cpu_pct": ("host CPU use", "% of a core", ""),
+    "host_cpu_us_per_op": ("host CPU per op", "us", "lo"),
+    "host_extra_us_per_op": ("host CPU per op over direct", "us", "lo"),
+    "fwd_host_cpu_s_per_gb": ("host CPU per GB, forward", "s/GB", "lo"),
+    "rev_host_cpu_s_per_gb": ("host CPU per GB, reverse", "s/GB", "lo"),
+    "fwd_host_extra_s_per_gb": ("host CPU per GB over direct, forward", "s/GB", "lo"),
+    "rev_host_extra_s_per_gb": ("host CPU per GB over direct, reverse", "s/GB", "lo"),
 }
+
+# The cheapest peers: each row's ratio is to the better of these two on that row's figure
+CHEAP_PEERS = ("pen", "nginx")
 
 # Baseline target of each hook phase (ratios in its summary table are to it)
 HOOK_BASELINE = {"multiapp": "epoxy-single", "admin": "epoxy", "scaling-ka": "epoxy-w1",
@@ -74,10 +95,13 @@ HOOK_BASELINE = {"multiapp": "epoxy-single", "admin": "epoxy", "scaling-ka": "ep
 # Summary table rows: (phase, metric)
 SUMMARY = [
     ("a", "rps"), ("a", "p50_us"), ("a", "p99_us"), ("a", "cpu_us_per_req"),
+    ("a", "host_cpu_us_per_req"), ("a", "host_extra_us_per_req"),
     ("b", "p50_us"), ("b", "p99_us"), ("b", "added_p50_us"), ("b", "added_p99_us"),
-    ("c", "rps"), ("c", "cpu_us_per_req"),
+    ("c", "rps"), ("c", "cpu_us_per_req"), ("c", "host_cpu_us_per_req"), ("c", "host_extra_us_per_req"),
     ("d", "set_ops"), ("d", "get_ops"), ("d", "cpu_us_per_op"), ("d", "cpu_us_per_op_sched"),
-    ("e", "fwd_gbps"), ("e", "fwd_cpu_s_per_gb"), ("e", "rev_gbps"), ("e", "rev_cpu_s_per_gb"),
+    ("d", "host_cpu_us_per_op"), ("d", "host_extra_us_per_op"),
+    ("e", "fwd_gbps"), ("e", "fwd_cpu_s_per_gb"), ("e", "fwd_host_cpu_s_per_gb"), ("e", "fwd_host_extra_s_per_gb"),
+    ("e", "rev_gbps"), ("e", "rev_cpu_s_per_gb"), ("e", "rev_host_cpu_s_per_gb"), ("e", "rev_host_extra_s_per_gb"),
     ("f", "rss_bytes_per_pair"), ("f", "pairs"),
 ]
 
@@ -169,6 +193,26 @@ def main():
                 if extra not in metrics_seen[ph]:
                     metrics_seen[ph].append(extra)
 
+    # host CPU over direct: pair each round with direct's round of the same phase
+    for ph in phases_seen:
+        for m in list(metrics_seen[ph]):
+            if "host_cpu_" not in m or m == "host_cpu_pct":
+                continue
+            xm = m.replace("host_cpu_", "host_extra_")
+            dr = dict(vals.get((ph, "direct", m), []))
+            if not dr:
+                continue
+            for t in order:
+                if t == "direct" or (ph, t, m) not in vals:
+                    continue
+                pairs = [(rr, v - dr[rr]) for rr, v in vals[(ph, t, m)] if rr in dr]
+                if not pairs:
+                    continue
+                vals[(ph, t, xm)] = pairs
+                med[(ph, t, xm)] = statistics.median(v for _, v in pairs)
+                if xm not in metrics_seen[ph]:
+                    metrics_seen[ph].insert(metrics_seen[ph].index(m) + 1, xm)
+
     meta = OrderedDict(read_kv(a.meta))
     cmds = defaultdict(list)
     for ph, c in read_kv(a.commands):
@@ -178,6 +222,25 @@ def main():
     profiles = open(a.profiles).read() if a.profiles and os.path.exists(a.profiles) else ""
 
     peer = "haproxy" if "haproxy" in order else None
+    cheap_in = [t for t in CHEAP_PEERS if t in order]
+
+    def cheapest(ph, m):
+        """(peer, value): the better of pen and nginx on this figure, or (None, None)."""
+        better = METRICS.get(m, ("", "", ""))[2]
+        cand = [(med[(ph, t, m)], t) for t in cheap_in if (ph, t, m) in med]
+        if not cand or not better:
+            return None, None
+        v, t = min(cand) if better == "lo" else max(cand)
+        return t, v
+
+    def cheap_ratio(ph, t, m):
+        """(ratio, peer) of target t to the cheapest peer; None where meaningless."""
+        if t == "direct" or t in CHEAP_PEERS:
+            return None, None
+        cp, cv = cheapest(ph, m)
+        if cp is None or (ph, t, m) not in med or cv <= 0:
+            return None, cp
+        return med[(ph, t, m)] / cv, cp
 
     # ------------------------------------------------------------ summary CSV
     csv_rows = []
@@ -189,23 +252,27 @@ def main():
                 v = med[(ph, t, m)]
                 rd = ratio(v, med.get((ph, "direct", m))) if t != "direct" and not m.startswith("added_") else None
                 rp = ratio(v, med.get((ph, peer, m))) if peer and t != peer and t != "direct" else None
+                rc, cp = cheap_ratio(ph, t, m)
                 csv_rows.append({
                     "phase": ph, "metric": m, "unit": METRICS.get(m, ("", "", ""))[1], "target": t,
                     "median": f"{v:.6g}", "rounds": len(vals[(ph, t, m)]),
                     "values": " ".join(f"{x:.6g}" for _, x in vals[(ph, t, m)]),
                     "ratio_to_direct": "" if rd is None else f"{rd:.4f}",
                     "ratio_to_haproxy": "" if rp is None else f"{rp:.4f}",
+                    "cheapest_peer": "" if rc is None else cp,
+                    "ratio_to_cheapest_peer": "" if rc is None else f"{rc:.4f}",
                 })
 
     # ------------------------------------------------------------ summary tables (stdout + md)
     # One table for issue 2's phases (subject, peer, direct; ratios to the peer
     # and to direct), then one per hook phase with its own targets and a ratio
     # to that phase's baseline.
-    def build_table(pairs, targets, base):
+    def build_table(pairs, targets, base, vs_cheap=()):
         hdr = ["phase", "metric"] + targets
         others = [t for t in targets if t not in (base, "direct")]
         if base:
             hdr += [f"{t}/{base}" for t in others]
+        hdr += [f"{t}/cheapest" for t in vs_cheap]
         if "direct" in targets:
             hdr += [f"{t}/direct" for t in targets if t != "direct"]
         lines = []
@@ -219,6 +286,9 @@ def main():
                 for t in others:
                     r = ratio(med.get((ph, t, m)), med.get((ph, base, m)))
                     row.append("-" if r is None else f"{r:.2f}")
+            for t in vs_cheap:
+                r, cp = cheap_ratio(ph, t, m)
+                row.append("-" if r is None else f"{r:.2f} {cp}")
             if "direct" in targets:
                 for t in targets:
                     if t == "direct":
@@ -232,7 +302,8 @@ def main():
     core = [p for p in phases_seen if p in "abcdef"]
     if core:
         ct = [t for t in order if any((p, t, m) in med for p in core for m in metrics_seen[p])]
-        tables.append(("issue 2 phases", *build_table(SUMMARY, ct, peer if peer in ct else None)))
+        vc = [t for t in ct if t.startswith(subject)] if any(p in ct for p in CHEAP_PEERS) else []
+        tables.append(("issue 2 phases", *build_table(SUMMARY, ct, peer if peer in ct else None, vc)))
     for ph in phases_seen:
         if ph in core:
             continue
@@ -283,6 +354,21 @@ def main():
         else:
             checks.append(("(b) p50 added <= HAProxy's", "not measured", ""))
 
+    # the subject against the cheapest peer, workload by workload (information, no target)
+    vs_cheap = []
+    if subject in order and cheap_in:
+        for ph, m in SUMMARY:
+            if m not in ("cpu_us_per_req", "cpu_us_per_op_sched", "fwd_cpu_s_per_gb", "rev_cpu_s_per_gb",
+                         "host_extra_us_per_req", "host_extra_us_per_op", "fwd_host_extra_s_per_gb",
+                         "rev_host_extra_s_per_gb", "rps", "fwd_gbps", "rev_gbps"):
+                continue
+            r, cp = cheap_ratio(ph, subject, m)
+            if cp is None or (ph, subject, m) not in med:
+                continue
+            label, unit, _ = METRICS.get(m, (m, "", ""))
+            vs_cheap.append(f"({ph}) {label}: {subject} {fmt(med[(ph, subject, m)], m)} vs {cp} "
+                            f"{fmt(med[(ph, cp, m)], m)} {unit}" + ("" if r is None else f" = {r:.2f}x"))
+
     print()
     print(f"Summary (medians; {meta.get('settings', '')})")
     for title, hdr, lines in tables:
@@ -293,6 +379,11 @@ def main():
         print()
         for d, st, detail in checks:
             print(f"  {st:12s} {d}  {detail}")
+    if vs_cheap:
+        print()
+        print("Against the cheapest peer (the better of pen and nginx on each figure):")
+        for l in vs_cheap:
+            print("  " + l)
     if notes:
         print()
         print("Notes:")
@@ -308,7 +399,8 @@ def main():
     base = a.out
     with open(base + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["phase", "metric", "unit", "target", "median", "rounds", "values",
-                                          "ratio_to_direct", "ratio_to_haproxy"])
+                                          "ratio_to_direct", "ratio_to_haproxy", "cheapest_peer",
+                                          "ratio_to_cheapest_peer"])
         w.writeheader()
         w.writerows(csv_rows)
     shutil.copyfile(a.raw, base + "-raw.csv")
@@ -327,7 +419,8 @@ def main():
     md.append("")
     md.append("## Machine")
     md.append("")
-    for k in ("host.cpu", "host.nproc", "host.mem", "host.kernel", "host.os", "host.nofile", "haproxy", "wrk",
+    for k in ("host.cpu", "host.nproc", "host.mem", "host.kernel", "host.os", "host.nofile", "haproxy", "pen",
+              "nginx.stream", "wrk",
               "backend.nginx", "redis", "iperf3", "settings", "host.loadavg.start", "host.loadavg.end", "runtime.seconds"):
         if k in meta:
             md.append(f"- {k}: `{meta[k]}`")
@@ -339,12 +432,16 @@ def main():
               "and throughput moves by +-20% between rounds. CPU time per request (utime+stime of the proxy process "
               "from /proc/PID/stat, in 1/CLK_TCK ticks, over the whole load run, divided by requests) is the "
               "figure that holds best; prefer it to req/s. Rows marked *schedstat* are the same quantity from "
-              "/proc/PID/task/*/schedstat (nanoseconds), which resolves short runs where ticks are few (phase d). The load average before each phase is listed below.")
+              "/proc/PID/task/*/schedstat (nanoseconds), which resolves short runs where ticks are few (phase d). The load average before each phase is listed below. "
+              "*Host CPU* rows are every CPU's busy time (user+nice+system+irq+softirq+steal of the `cpu` line of /proc/stat) "
+              "over the same run, per unit of work: they include the load generator, the backend, kernel work charged outside "
+              "the proxy (softirq, splice) and anything else running on the machine; *over direct* rows subtract the direct "
+              "path's figure of the same round, which leaves what the proxy path adds.")
     md.append("")
     md.append("Layout: each proxy pinned with `taskset -c 0`; load generator and backend with `taskset -c 1` "
               "(phase b unpinned, see DESIGN.md section 7). Backends: nginx 1 KiB file over keepalive (18081), "
               "redis-server without persistence (18379), iperf3 -s (15201), bench/idle_pairs.py (18086). "
-              f"{subject} listens on 18080, HAProxy on 18090.")
+              f"{subject} listens on 18080, HAProxy on 18090, pen on 18095, nginx (stream, its own instance) on 18096.")
     md.append("")
     md.append("## Summary (medians)")
     md.append("")
@@ -359,6 +456,11 @@ def main():
         md.append("")
         for d, st, detail in checks:
             md.append(f"- **{st}** {d}: {detail}")
+        md.append("")
+    if vs_cheap:
+        md.append("### Against the cheapest peer (the better of pen and nginx on each figure)")
+        md.append("")
+        md.extend("- " + l for l in vs_cheap)
         md.append("")
     if chart_ok:
         md.append(f"![ratios to direct and CPU per request]({os.path.basename(a.chart)})")
@@ -375,12 +477,12 @@ def main():
             md.append("```")
             md.extend(cmds[ph])
             md.append("```")
-            md.append("PORT: 18080 epoxy, 18090 haproxy, the backend's own port for direct.")
+            md.append("PORT: 18080 epoxy, 18090 haproxy, 18095 pen, 18096 nginx stream, the backend's own port for direct.")
             md.append("")
         if ph not in phases_seen:
             md.append("(no measurements: see notes)")
             continue
-        h = ["metric", "target", "rounds", "median", "/ direct", "/ haproxy"]
+        h = ["metric", "target", "rounds", "median", "/ direct", "/ haproxy", "/ cheapest peer"]
         body = []
         for m in metrics_seen[ph]:
             for t in order:
@@ -390,9 +492,11 @@ def main():
                 v = med[(ph, t, m)]
                 rd = None if m.startswith("added_") or t == "direct" else ratio(v, med.get((ph, "direct", m)))
                 rp = None if t in ("direct", peer) or not peer else ratio(v, med.get((ph, peer, m)))
+                rc, cp = cheap_ratio(ph, t, m)
                 body.append([f"{label}" + (f" ({unit})" if unit else ""), t,
                              " / ".join(fmt(x, m) for _, x in vals[(ph, t, m)]), fmt(v, m),
-                             "-" if rd is None else f"{rd:.2f}", "-" if rp is None else f"{rp:.2f}"])
+                             "-" if rd is None else f"{rd:.2f}", "-" if rp is None else f"{rp:.2f}",
+                             "-" if rc is None else f"{rc:.2f} ({cp})"])
         md.append(md_table(h, body))
     md.append("")
     md.append("## Notes from the run")
@@ -422,9 +526,9 @@ def main():
 
 
 def make_chart(path, med, order, subject):
-    # The issue-2 comparison: the subject and HAProxy (hook phases have peers of their own
+    # The issue-2 comparison: the subject, pen, nginx and HAProxy (hook phases have peers of their own
     # and tables in the report; mixing them in would leave most bars empty).
-    proxies = [t for t in (subject, "haproxy", "epoxy-splice", "haproxy-splice") if t in order]
+    proxies = [t for t in (subject, "pen", "nginx", "haproxy", "epoxy-splice", "haproxy-splice") if t in order]
     ratios = [("a", "rps", "(a) keepalive req/s"), ("c", "rps", "(c) conn/req req/s"),
               ("d", "set_ops", "(d) redis SET"), ("d", "get_ops", "(d) redis GET"),
               ("e", "fwd_gbps", "(e) iperf3 fwd"), ("e", "rev_gbps", "(e) iperf3 rev")]
@@ -454,7 +558,7 @@ def make_chart(path, med, order, subject):
         f.write("label " + " ".join(proxies) + "\n")
         for ph, m, lab in cpu:
             f.write(f'"{lab}" ' + " ".join(val((ph, t, m)) for t in proxies) + "\n")
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    colors = ["#1f77b4", "#8c564b", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd"]
     if shutil.which("gnuplot"):
         def plot_cmd(fn):
             parts = []

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# bench/run.sh — load benchmarks of epoxy against HAProxy and the direct path,
-# in one run, on loopback. Called by `make bench`.
+# bench/run.sh — load benchmarks of epoxy against the cheapest peers (pen, nginx
+# stream), HAProxy and the direct path, in one run, on loopback. Called by `make bench`.
 #
 # What it measures (issue 2, "Benchmark"; DESIGN.md section 7):
 #   a  wrk keepalive, 1 KiB response, -t1 -c50        req/s, p50, p99, proxy CPU us/request
@@ -18,7 +18,14 @@
 # unpinned (DESIGN.md section 7: pinned single-connection latency measures
 # cross-CPU wake-ups). Rounds are interleaved (A B C A B C ...) and the report
 # quotes medians. The proxy's CPU time is utime+stime from /proc/PID/stat
-# (ticks / CLK_TCK) sampled around each load run.
+# (ticks / CLK_TCK) sampled around each load run. Host-wide CPU is read from the
+# aggregate `cpu` line of /proc/stat (user+nice+system+irq+softirq+steal) around
+# the same runs: it includes the load generator, the backend and kernel work
+# charged outside the proxy (softirq, splice), so report.py quotes it per unit of
+# work minus the direct path's figure of the same round ("host extra").
+#
+# Peers: haproxy (mode tcp, nbthread 1), pen (single process, -O tcp_nodelay) and
+# nginx (stream module, one process: master_process off), each pinned like epoxy.
 #
 # Environment (all optional):
 #   DURATION=10        seconds per wrk run (phases a b c)
@@ -28,7 +35,8 @@
 #   PAIRS=9000         idle pairs for phase f
 #   QUICK=1            smoke run (~2 min): DURATION=3 ROUNDS=1 IPERF_TIME=2 REDIS_N=50000 PAIRS=2000
 #   PHASES="a b c d e f"   which phases (add: multiapp admin scaling splice)
-#   TARGETS="epoxy haproxy direct"  which peers
+#   TARGETS="epoxy pen nginx haproxy direct"  which peers (nginx = nginx stream proxy,
+#                      not the phase a-c HTTP backend, which is a separate instance)
 #   SUBJECT=epoxy      the proxy under test; SUBJECT=socat uses socat as a stand-in
 #                      (harness development only: socat forks per connection)
 #   EPOXY_BIN=target/release/proxy   EPOXY_ARGS="..." extra flags for epoxy
@@ -56,7 +64,7 @@ PAIRS=${PAIRS:-9000}
 WARMUP=${WARMUP:-2}
 PHASES=${PHASES:-"a b c d e f"}
 SUBJECT=${SUBJECT:-epoxy}
-TARGETS=${TARGETS:-"$SUBJECT haproxy direct"}
+TARGETS=${TARGETS:-"$SUBJECT pen nginx haproxy direct"}
 EPOXY_BIN=${EPOXY_BIN:-$ROOT/target/release/proxy}
 EPOXY_ARGS=${EPOXY_ARGS:-}
 HAPROXY_SPLICE=${HAPROXY_SPLICE:-0}
@@ -65,17 +73,20 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 WRK_CONNS=${WRK_CONNS:-50}
 
-# Fixed loopback ports.
-P_EPOXY=18080
-P_EPOXY2=18070         # epoxy variants (hooks) use 18071-18074, so they can run beside plain epoxy
-P_HAPROXY=18090
-P_HAPROXY2=18091       # haproxy-splice
-P_SOCAT=18085
-P_NGINX=18081          # phase multiapp adds 18082-18084
-P_REDIS=18379
-P_IPERF=15201
-P_HOLD=18086           # idle_pairs.py server
-P_ADMIN=19090          # epoxy admin endpoint (issue 4 hook)
+# Loopback ports (each can be overridden from the environment, e.g. P_IPERF=15211 when
+# something else on a shared machine holds the default; a busy port skips what needs it).
+P_EPOXY=${P_EPOXY:-18080}
+P_EPOXY2=${P_EPOXY2:-18070}      # epoxy variants (hooks) use 18071-18074, so they can run beside plain epoxy
+P_HAPROXY=${P_HAPROXY:-18090}
+P_HAPROXY2=${P_HAPROXY2:-18091}  # haproxy-splice
+P_SOCAT=${P_SOCAT:-18085}
+P_PEN=${P_PEN:-18095}            # pen
+P_NGINXS=${P_NGINXS:-18096}      # nginx stream (the proxy target; P_NGINX is the HTTP backend)
+P_NGINX=${P_NGINX:-18081}        # phase multiapp adds the next 3 ports
+P_REDIS=${P_REDIS:-18379}
+P_IPERF=${P_IPERF:-15201}
+P_HOLD=${P_HOLD:-18086}          # idle_pairs.py server
+P_ADMIN=${P_ADMIN:-19090}        # epoxy admin endpoint (issue 4 hook)
 HOST=127.0.0.1
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -166,6 +177,13 @@ user_ticks() {  # utime alone, for the user/kernel split
     set -- $s
     echo "${12}"
 }
+host_ticks() {  # host-wide busy CPU, all CPUs: user+nice+system+irq+softirq+steal of /proc/stat's
+    local l       # `cpu` line, in clock ticks (guest time is already inside user)
+    read -r l </proc/stat
+    # shellcheck disable=SC2086
+    set -- $l
+    echo $(( $2 + $3 + $4 + $7 + $8 + $9 ))
+}
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 port_listening() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
@@ -178,10 +196,16 @@ wait_port() {  # wait_port PORT PID TIMEOUT_S: until PORT listens; fail if PID d
     done
     return 1
 }
-wait_port_free() {
+wait_port_free() {  # up to 5 s (a process of ours that just stopped may still hold it)
     local port=$1 i
     for ((i = 0; i < 100; i++)); do port_listening "$port" || return 0; sleep 0.05; done
-    note "port $port still busy"
+    return 1
+}
+# port_mine PORT WHAT: fail (with a note) when something else still listens on PORT: wait_port
+# would take that listener for ours, and the run would measure someone else's process
+port_mine() {
+    wait_port_free "$1" && return 0
+    note "phase $CURRENT_PHASE: $2 not started: port $1 is held by another process ($(ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'users:.*' | head -1)); override with P_* variables"
     return 1
 }
 
@@ -192,6 +216,8 @@ start_nginx() {  # start_nginx CPUSET [extra listen ports...]; NGINX_PP_PORT: on
     local d=$TMP/nginx listens="listen $HOST:$P_NGINX;" p
     for p in "$@"; do listens="$listens listen $HOST:$p;"; done
     [ -n "${NGINX_PP_PORT:-}" ] && listens="$listens listen $HOST:$NGINX_PP_PORT proxy_protocol;"
+    port_mine "$P_NGINX" "nginx backend" || return 1
+    for p in "$@"; do port_mine "$p" "nginx backend" || return 1; done
     mkdir -p "$d/www" "$d/tmp"
     head -c 1024 /dev/zero | tr '\0' 'x' >"$d/www/1k.bin"
     cat >"$d/nginx.conf" <<EOF
@@ -221,17 +247,20 @@ EOF
     meta "backend.nginx" "nginx $(nginx -v 2>&1 | sed 's/.*version: //'), worker_processes 1, access_log off, 1 KiB file, keepalive; config $d/nginx.conf"
 }
 start_redis() {
+    port_mine "$P_REDIS" redis-server || return 1
     taskset -c "$LOAD_CPU" redis-server --port "$P_REDIS" --bind "$HOST" --save '' --appendonly no \
         --protected-mode no --daemonize no --dir "$TMP" --logfile "$LOGS/redis.log" &
     BACKEND_PID=$!; track "$BACKEND_PID"
     wait_port "$P_REDIS" "$BACKEND_PID" 10 || { note "redis-server did not start"; return 1; }
 }
 start_iperf_server() {
+    port_mine "$P_IPERF" "iperf3 -s" || return 1
     taskset -c "$LOAD_CPU" iperf3 -s -B "$HOST" -p "$P_IPERF" >>"$LOGS/iperf3-server.log" 2>&1 &
     BACKEND_PID=$!; track "$BACKEND_PID"
     wait_port "$P_IPERF" "$BACKEND_PID" 10 || { note "iperf3 -s did not start"; return 1; }
 }
 start_holder() {
+    port_mine "$P_HOLD" "idle_pairs.py server" || return 1
     taskset -c "$LOAD_CPU" python3 "$ROOT/bench/idle_pairs.py" server --port "$P_HOLD" >>"$LOGS/holder.log" 2>&1 &
     BACKEND_PID=$!; track "$BACKEND_PID"
     wait_port "$P_HOLD" "$BACKEND_PID" 10 || { note "idle_pairs.py server did not start"; return 1; }
@@ -273,8 +302,47 @@ backend be
 EOF
 }
 
+# nginx's stream module: built in (--with-stream), a dynamic module (--with-stream=dynamic,
+# Debian's libnginx-mod-stream) or absent. Prints the load_module line the config needs.
+nginx_stream_load() {
+    local v mp f
+    have nginx || return 1
+    v=$(nginx -V 2>&1)
+    if grep -qE -- '--with-stream( |$)' <<<"$v"; then echo ""; return 0; fi
+    grep -qE -- '--with-stream=dynamic( |$)' <<<"$v" || return 1
+    mp=$(grep -oE -- '--modules-path=[^ ]+' <<<"$v" | cut -d= -f2)
+    for f in "${mp:-/usr/lib/nginx/modules}/ngx_stream_module.so" /usr/lib/nginx/modules/ngx_stream_module.so; do
+        [ -f "$f" ] && { echo "load_module $f;"; return 0; }
+    done
+    return 1
+}
+nginx_stream_cfg() {  # nginx_stream_cfg DIR BACKEND_PORT LISTEN_PORT LOAD_LINE
+    # A separate instance from the HTTP backend (start_nginx): own prefix, pid file, error log.
+    # master_process off: one process does the proxying, so /proc/PID/stat of the pid we
+    # started is the whole of nginx's CPU (with a master, the worker's time would be missed).
+    local d=$1
+    mkdir -p "$d/logs"
+    cat >"$d/nginx.conf" <<EOF
+$4
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 20000; }
+stream {
+    server {
+        listen $HOST:$3;
+        proxy_pass $HOST:$2;
+        tcp_nodelay on;
+    }
+}
+EOF
+}
+
 start_target() {  # start_target NAME BACKEND_PORT CPUSET -> 0 if running
-    local name=$1 bport=$2 cpus=$3 pid port logf=$LOGS/$1-$CURRENT_PHASE.log extra=""
+    local name=$1 bport=$2 cpus=$3 pid port logf=$LOGS/$1-$CURRENT_PHASE.log extra="" ngx_dir=""
     case $name in
         direct)
             T_PID[$name]=""; T_PORT[$name]=$bport; return 0 ;;
@@ -287,7 +355,7 @@ start_target() {  # start_target NAME BACKEND_PORT CPUSET -> 0 if running
                 epoxy-w2)     extra="--workers 2";            port=$((P_EPOXY2 + 3)) ;;
                 epoxy-splice) extra="--splice";               port=$((P_EPOXY2 + 4)) ;;
             esac
-            wait_port_free "$port"
+            port_mine "$port" "$name" || return 1
             # shellcheck disable=SC2086
             RUST_LOG=${RUST_LOG:-info} taskset -c "${cpus:-$ALLCPUS}" "$EPOXY_BIN" -l "$HOST" -p "$port" -b "$HOST" -P "$bport" \
                 $EPOXY_ARGS $extra >"$logf" 2>&1 &
@@ -298,13 +366,30 @@ start_target() {  # start_target NAME BACKEND_PORT CPUSET -> 0 if running
             local splice=$HAPROXY_SPLICE
             [ "$name" = haproxy-splice ] && { splice=1; port=$P_HAPROXY2; }
             haproxy_cfg "$TMP/haproxy-$CURRENT_PHASE-$name.cfg" "$bport" "$splice" "$port"
-            wait_port_free "$port"
+            port_mine "$port" "$name" || return 1
             taskset -c "${cpus:-$ALLCPUS}" haproxy -db -f "$TMP/haproxy-$CURRENT_PHASE-$name.cfg" >"$logf" 2>&1 &
+            pid=$! ;;
+        pen)
+            have pen || { note "phase $CURRENT_PHASE: pen skipped (not installed)"; return 1; }
+            port=$P_PEN
+            port_mine "$port" "$name" || return 1
+            # -f foreground, -r no client tracking (one backend), -x connection limit,
+            # -q listen backlog, -O tcp_nodelay: TCP_NODELAY on the listener (inherited) and upstream
+            taskset -c "${cpus:-$ALLCPUS}" pen -f -r -x 10000 -q 1024 -O tcp_nodelay "$HOST:$port" "$HOST:$bport" >"$logf" 2>&1 &
+            pid=$! ;;
+        nginx)
+            local load
+            load=$(nginx_stream_load) || { note "phase $CURRENT_PHASE: nginx skipped (no nginx with the stream module; Debian: libnginx-mod-stream)"; return 1; }
+            port=$P_NGINXS
+            ngx_dir=$TMP/nginx-stream-$CURRENT_PHASE
+            nginx_stream_cfg "$ngx_dir" "$bport" "$port" "$load"
+            port_mine "$port" "$name" || return 1
+            taskset -c "${cpus:-$ALLCPUS}" nginx -p "$ngx_dir" -c "$ngx_dir/nginx.conf" -e "$ngx_dir/error.log" >"$logf" 2>&1 &
             pid=$! ;;
         socat)
             have socat || { note "phase $CURRENT_PHASE: socat skipped (not installed)"; return 1; }
             port=$P_SOCAT
-            wait_port_free "$port"
+            port_mine "$port" "$name" || return 1
             taskset -c "${cpus:-$ALLCPUS}" socat "TCP-LISTEN:$port,bind=$HOST,reuseaddr,fork,backlog=1024" "TCP:$HOST:$bport,nodelay" >"$logf" 2>&1 &
             pid=$! ;;
         *)
@@ -312,7 +397,7 @@ start_target() {  # start_target NAME BACKEND_PORT CPUSET -> 0 if running
     esac
     track "$pid"
     if ! wait_port "$port" "$pid" 10; then
-        note "phase $CURRENT_PHASE: $name did not start listening on $port; log tail: $(tail -5 "$logf" | tr '\n' ' ')"
+        note "phase $CURRENT_PHASE: $name did not start listening on $port; log tail: $(tail -q -n 5 "$logf" ${ngx_dir:+"$ngx_dir/error.log"} 2>/dev/null | tr '\n' ' ')"
         kill_pid "$pid" 2
         return 1
     fi
@@ -378,12 +463,14 @@ wrk_once() {
         perfpid=$!; track "$perfpid"
         sleep 0.2
     fi
-    local u0 u1
+    local u0 u1 h0 h1
     t0=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0); n0=$( [ -n "$pid" ] && cpu_ns "$pid" || echo 0)
     u0=$( [ -n "$pid" ] && user_ticks "$pid" || echo 0)
+    h0=$(host_ticks)
     timeout $((dur + 30)) taskset -c "${cpus:-$ALLCPUS}" \
         wrk -t"${WRK_THREADS:-1}" -c"$conns" -d"${dur}s" --latency "$@" "http://$HOST:$port/1k.bin" >"$out" 2>&1
     local rc=$?
+    h1=$(host_ticks)
     t1=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0); n1=$( [ -n "$pid" ] && cpu_ns "$pid" || echo 0)
     u1=$( [ -n "$pid" ] && user_ticks "$pid" || echo 0)
     [ "$round" = warmup ] && { alive "$name" warmup; return 0; }
@@ -416,7 +503,10 @@ wrk_once() {
         rec "$phase" "$name" "$round" cpu_us_per_req_sched "$(calc "($n1 - $n0) / 1000 / $reqs")"
         [ "$t1" -gt "$t0" ] && rec "$phase" "$name" "$round" user_cpu_pct "$(calc "($u1 - $u0) * 100 / ($t1 - $t0)")"
     fi
-    log "  $phase r$round $name: $rps req/s p50 $p50 p99 $p99 cpu $(( t1 - t0 )) ticks errs $errs"
+    # host-wide: every CPU's busy time (proxy, wrk, backend, kernel), direct included
+    rec "$phase" "$name" "$round" host_cpu_us_per_req "$(calc "($h1 - $h0) / $CLK_TCK * 1e6 / $reqs")"
+    rec "$phase" "$name" "$round" host_cpu_pct "$(calc "($h1 - $h0) / $CLK_TCK / $dur * 100")"
+    log "  $phase r$round $name: $rps req/s p50 $p50 p99 $p99 cpu $(( t1 - t0 )) ticks (host $(( h1 - h0 ))) errs $errs"
     alive "$name" "$round"
 }
 
@@ -455,6 +545,8 @@ proxy_cmdline_notes() {
     local p="taskset -c $pc "; [ -n "$pc" ] || p=""
     [[ " $TARGETS " == *" epoxy "* ]] && cmd "$phase" "${p}$EPOXY_BIN -l $HOST -p $P_EPOXY -b $HOST -P BACKEND $EPOXY_ARGS"
     [[ " $TARGETS " == *" haproxy "* ]] && cmd "$phase" "${p}haproxy -db -f haproxy.cfg   (mode tcp, nbthread 1, maxconn 9900, splice-auto $( [ "$HAPROXY_SPLICE" = 1 ] && echo on || echo off))"
+    [[ " $TARGETS " == *" pen "* ]] && cmd "$phase" "${p}pen -f -r -x 10000 -q 1024 -O tcp_nodelay $HOST:$P_PEN $HOST:BACKEND"
+    [[ " $TARGETS " == *" nginx "* ]] && cmd "$phase" "${p}nginx -p DIR -c DIR/nginx.conf -e DIR/error.log   (own instance: $(nginx_stream_load 2>/dev/null) daemon off; master_process off; worker_processes 1; worker_rlimit_nofile 20000; events { worker_connections 20000; } stream { server { listen $HOST:$P_NGINXS; proxy_pass $HOST:BACKEND; tcp_nodelay on; } })"
     [[ " $TARGETS " == *" socat "* ]] && cmd "$phase" "${p}socat TCP-LISTEN:$P_SOCAT,bind=$HOST,reuseaddr,fork,backlog=1024 TCP:$HOST:BACKEND,nodelay"
     return 0
 }
@@ -510,11 +602,13 @@ phase_d() {  # redis-benchmark -P 16
     for ((r = 0; r <= ROUNDS; r++)); do          # round 0 = warm-up, not recorded
         for t in "${RUNNING[@]}"; do
             [ "$t" = direct ] || [ -n "${T_PID[$t]:-}" ] || continue
-            local pid=${T_PID[$t]:-} port=${T_PORT[$t]} out=$TMP/redis.out t0 t1 n0 n1 n=$REDIS_N
+            local pid=${T_PID[$t]:-} port=${T_PORT[$t]} out=$TMP/redis.out t0 t1 n0 n1 h0 h1 n=$REDIS_N
             [ "$r" = 0 ] && n=$((REDIS_N / 10))
             t0=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0); n0=$( [ -n "$pid" ] && cpu_ns "$pid" || echo 0)
+            h0=$(host_ticks)
             timeout 120 taskset -c "$LOAD_CPU" redis-benchmark -h "$HOST" -p "$port" -P 16 -t get,set -n "$n" -q 2>&1 \
                 | tr '\r' '\n' >"$out"
+            h1=$(host_ticks)
             t1=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0); n1=$( [ -n "$pid" ] && cpu_ns "$pid" || echo 0)
             if [ "$r" = 0 ]; then alive "$t" warmup; continue; fi
             local set get
@@ -530,6 +624,7 @@ phase_d() {  # redis-benchmark -P 16
                 rec d "$t" "$r" cpu_us_per_op "$(calc "($t1 - $t0) / $CLK_TCK * 1e6 / (2 * $n)")"
                 rec d "$t" "$r" cpu_us_per_op_sched "$(calc "($n1 - $n0) / 1000 / (2 * $n)")"
             fi
+            rec d "$t" "$r" host_cpu_us_per_op "$(calc "($h1 - $h0) / $CLK_TCK * 1e6 / (2 * $n)")"
             log "  d r$r $t: SET $set/s GET $get/s cpu $(( t1 - t0 )) ticks"
             alive "$t" "$r"
             sleep 0.5
@@ -562,11 +657,13 @@ phase_e() {  # iperf3 forward and reverse
 # iperf_once PHASE NAME ROUND fwd|rev SECONDS [extra iperf3 args]
 iperf_once() {
     local phase=$1 t=$2 r=$3 dir=$4 secs=$5; shift 5
-    local pid=${T_PID[$t]:-} port=${T_PORT[$t]} out=$TMP/iperf.json t0 t1 n0 n1 rflag=""
+    local pid=${T_PID[$t]:-} port=${T_PORT[$t]} out=$TMP/iperf.json t0 t1 n0 n1 h0 h1 rflag=""
     [ "$dir" = rev ] && rflag=-R
     t0=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0); n0=$( [ -n "$pid" ] && cpu_ns "$pid" || echo 0)
+    h0=$(host_ticks)
     # shellcheck disable=SC2086
     timeout $((secs + 30)) taskset -c "$LOAD_CPU" iperf3 -c "$HOST" -p "$port" -t "$secs" -J $rflag "$@" >"$out" 2>&1
+    h1=$(host_ticks)
     t1=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0); n1=$( [ -n "$pid" ] && cpu_ns "$pid" || echo 0)
     local res
     res=$(python3 - "$out" <<'PY'
@@ -598,7 +695,8 @@ PY
         rec "$phase" "$t" "$r" "${dir}_cpu_s_per_gb" "$(calc "($t1 - $t0) / $CLK_TCK / ($bytes / 1e9)")"
         rec "$phase" "$t" "$r" "${dir}_cpu_s_per_gb_sched" "$(calc "($n1 - $n0) / 1e9 / ($bytes / 1e9)")"
     fi
-    log "  $phase r$r $t $dir: $(printf '%.2f' "$gbps") Gbit/s cpu $(( t1 - t0 )) ticks"
+    rec "$phase" "$t" "$r" "${dir}_host_cpu_s_per_gb" "$(calc "($h1 - $h0) / $CLK_TCK / ($bytes / 1e9)")"
+    log "  $phase r$r $t $dir: $(printf '%.2f' "$gbps") Gbit/s cpu $(( t1 - t0 )) ticks (host $(( h1 - h0 )))"
     alive "$t" "$r"
     sleep 0.5
 }
@@ -676,7 +774,7 @@ phase_multiapp() {
             for ((p = 0; p < 10; p++)); do l+=("\"$HOST:$((20000 + a * 10 + p))\""); ports+=($((20000 + a * 10 + p))); done
             echo "[[app]]"; echo "name = \"app$a\""
             echo "listen = [$(IFS=,; echo "${l[*]}")]"
-            echo "targets = [\"$HOST:18081\", \"$HOST:18082\", \"$HOST:18083\", \"$HOST:18084\"]"; echo
+            echo "targets = [\"$HOST:$P_NGINX\", \"$HOST:$((P_NGINX + 1))\", \"$HOST:$((P_NGINX + 2))\", \"$HOST:$((P_NGINX + 3))\"]"; echo
         done
     } >"$cfg"
     cat >"$lua" <<EOF
@@ -687,8 +785,8 @@ function setup(thread)
     thread.addr = wrk.lookup("$HOST", tostring(ports[(n - 1) % #ports + 1]))[1]
 end
 EOF
-    start_nginx "$LOAD_CPU" 18082 18083 18084 || return
-    cmd multiapp "taskset -c $PROXY_CPU $EPOXY_BIN -c multiapp.toml   (10 apps x 10 ports 20000-20099 x 4 nginx targets 18081-18084)"
+    start_nginx "$LOAD_CPU" $((P_NGINX + 1)) $((P_NGINX + 2)) $((P_NGINX + 3)) || return
+    cmd multiapp "taskset -c $PROXY_CPU $EPOXY_BIN -c multiapp.toml   (10 apps x 10 ports 20000-20099 x 4 nginx targets $P_NGINX-$((P_NGINX + 3)))"
     cmd multiapp "taskset -c $LOAD_CPU wrk -t100 -c100 -d${DURATION}s --latency -s multiapp.lua http://$HOST:20000/1k.bin   (one port per thread)"
     cmd multiapp "single: taskset -c $PROXY_CPU $EPOXY_BIN -l $HOST -p $P_EPOXY -b $HOST -P $P_NGINX; taskset -c $LOAD_CPU wrk -t100 -c100 -d${DURATION}s --latency http://$HOST:$P_EPOXY/1k.bin"
     for ((r = 1; r <= ROUNDS; r++)); do
@@ -817,7 +915,8 @@ log "results: $RESULTS_DIR   tmp: $TMP"
 log "DURATION=$DURATION ROUNDS=$ROUNDS IPERF_TIME=$IPERF_TIME REDIS_N=$REDIS_N PAIRS=$PAIRS PHASES='$PHASES' TARGETS='$TARGETS'"
 
 missing=""
-for t in wrk haproxy nginx redis-server redis-benchmark iperf3 gnuplot; do have "$t" || missing="$missing $t"; done
+for t in wrk haproxy nginx pen redis-server redis-benchmark iperf3 gnuplot; do have "$t" || missing="$missing $t"; done
+[[ " $TARGETS " == *" nginx "* ]] && have nginx && ! nginx_stream_load >/dev/null && missing="$missing nginx-stream-module"
 if [ -n "$missing" ] && [ "${NO_INSTALL:-0}" != 1 ]; then
     log "missing:$missing — running scripts/install-bench-deps.sh"
     timeout 600 bash "$ROOT/scripts/install-bench-deps.sh" >&2 || log "install-bench-deps.sh failed; phases needing missing tools will be skipped"
@@ -851,6 +950,8 @@ meta "host.nofile" "soft $(ulimit -Sn) / hard $(ulimit -Hn)"
 meta "host.loadavg.start" "$(cut -d' ' -f1-3 /proc/loadavg)"
 meta "host.busiest.start" "$(ps -eo pcpu=,comm= --sort=-pcpu | head -4 | awk '{ printf "%s%s %s%%", (NR > 1 ? ", " : ""), $2, $1 }')"
 meta "haproxy" "$(haproxy -v 2>/dev/null | head -1)"
+meta "pen" "$(dpkg-query -W -f='pen ${Version}' pen 2>/dev/null || echo "pen (version unknown)")"
+meta "nginx.stream" "$(nginx -v 2>&1 | sed 's/.*version: //'), stream module: $(l=$(nginx_stream_load 2>/dev/null) && echo "${l:-built in}" || echo missing)"
 meta "wrk" "$(wrk -v 2>&1 | head -1)"
 meta "redis" "$(redis-server --version 2>/dev/null)"
 meta "iperf3" "$(iperf3 --version 2>/dev/null | head -1)"

@@ -5,7 +5,10 @@
 #
 #   wrk            HTTP load generator            (phases a, b, c)
 #   haproxy        peer proxy, mode tcp           (all phases)
+#   pen            peer proxy, single process     (all phases)
 #   nginx-light    1 KiB keepalive HTTP backend   (phases a, b, c)
+#   libnginx-mod-stream  nginx's stream module, for the `nginx` peer proxy (all phases);
+#                  only when the installed nginx has it neither built in nor as a module file
 #   redis-server   redis backend                  (phase d)
 #   redis-tools    redis-benchmark                (phase d)
 #   iperf3         bulk throughput                (phase e)
@@ -14,7 +17,7 @@
 #   linux-perf     optional, for profiles
 set -euo pipefail
 
-REQUIRED=(wrk haproxy redis-server redis-tools iperf3 gnuplot-nox)
+REQUIRED=(wrk haproxy pen redis-server redis-tools iperf3 gnuplot-nox)
 OPTIONAL=(socat linux-perf python3)
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -57,6 +60,24 @@ else
     echo "install-bench-deps: required tools already installed"
 fi
 
+# nginx's stream module (the `nginx` peer proxy). Debian builds nginx with
+# --with-stream=dynamic and ships the module in libnginx-mod-stream; nginx-light
+# does not pull it in.
+stream_ok() {
+    local v mp
+    v=$(nginx -V 2>&1) || return 1
+    grep -qE -- '--with-stream( |$)' <<<"$v" && return 0
+    grep -qE -- '--with-stream=dynamic( |$)' <<<"$v" || return 1
+    mp=$(grep -oE -- '--modules-path=[^ ]+' <<<"$v" | cut -d= -f2)
+    [ -f "${mp:-/usr/lib/nginx/modules}/ngx_stream_module.so" ] || [ -f /usr/lib/nginx/modules/ngx_stream_module.so ]
+}
+if command -v nginx >/dev/null 2>&1 && ! stream_ok; then
+    echo "install-bench-deps: installing libnginx-mod-stream (nginx stream module)"
+    apt_update
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libnginx-mod-stream \
+        || echo "install-bench-deps: libnginx-mod-stream not installed: the nginx peer will be skipped" >&2
+fi
+
 # Optional tools: best effort, never fatal.
 for p in "${OPTIONAL[@]}"; do
     installed "$p" && continue
@@ -72,6 +93,7 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     for s in nginx haproxy redis-server; do $SUDO systemctl stop "$s" >/dev/null 2>&1 || true; done
 fi
 
-for t in wrk haproxy nginx redis-server redis-benchmark iperf3 gnuplot socat perf; do
+for t in wrk haproxy pen nginx redis-server redis-benchmark iperf3 gnuplot socat perf; do
     printf '  %-16s %s\n' "$t" "$(command -v "$t" || echo MISSING)"
 done
+printf '  %-16s %s\n' "nginx stream" "$(stream_ok && echo yes || echo MISSING)"
