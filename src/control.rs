@@ -282,6 +282,17 @@ pub fn effective_max_conns(
     (limit, notes)
 }
 
+/// Pipes per worker that `splice = "auto"` may hold (0 without it, or when some app has
+/// `splice = true`, whose per-pair share in `effective_max_conns` covers them). Their fds are
+/// set apart when `max_conns` is sized, like the admin's.
+pub fn auto_pipes_per_worker(cfg: &Config) -> usize {
+    if !cfg.apps.iter().any(|a| a.splice) && cfg.apps.iter().any(|a| a.splice_auto) {
+        AUTO_PIPES_PER_WORKER
+    } else {
+        0
+    }
+}
+
 /// The worker threads `w` means here (`auto`: usable CPUs and the cgroup CPU quota).
 pub fn worker_count(w: Workers) -> usize {
     match w {
@@ -468,15 +479,7 @@ impl Proxy {
         } else {
             0
         };
-        // `splice = "auto"` only: a fixed number of pipes per worker, set apart like the
-        // admin's fds (with `splice = true` somewhere, the per-pair share below covers it).
-        let auto_pipes = if config.apps.iter().any(|a| a.splice) {
-            0
-        } else if config.apps.iter().any(|a| a.splice_auto) {
-            AUTO_PIPES_PER_WORKER
-        } else {
-            0
-        };
+        let auto_pipes = auto_pipes_per_worker(&config);
         let (max_conns, notes) = effective_max_conns(
             &config,
             nofile,
@@ -804,6 +807,17 @@ impl Proxy {
     /// Stop accepting now; live pairs get the configured grace period. Returns once every
     /// worker has closed its listeners (or after one second).
     pub fn shutdown(&self) {
+        let grace = self.close_listeners();
+        log::info!(
+            "shutting down: listeners closed; {} live connection(s) get up to {:?}",
+            self.view.active(),
+            grace
+        );
+    }
+
+    /// Mark draining and have every worker close its listeners (their live pairs get
+    /// `grace_period`); returns once all acknowledged (or after one second), with the grace.
+    fn close_listeners(&self) -> Duration {
         self.begin_drain();
         let grace = self.config.grace;
         let (tx, rx) = mpsc::sync_channel(self.links.0.len());
@@ -818,11 +832,7 @@ impl Proxy {
                 break;
             }
         }
-        log::info!(
-            "shutting down: listeners closed; {} live connection(s) get up to {:?}",
-            self.view.active(),
-            grace
-        );
+        grace
     }
 
     /// Close everything now. Non-blocking.
@@ -997,23 +1007,8 @@ impl Proxy {
         if let Some(a) = self.admin.take() {
             a.stop();
         }
-        // Stop accepting first (below), then move what can move.
-        self.begin_drain();
-        let grace = self.config.grace;
-        let (tx, rx) = mpsc::sync_channel(self.links.0.len());
-        let sent = self.links.broadcast(|| Command::Drain {
-            grace,
-            ack: Some(tx.clone()),
-        });
-        let deadline = Instant::now() + Duration::from_secs(1);
-        for _ in 0..sent {
-            if rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .is_err()
-            {
-                break;
-            }
-        }
+        // Stop accepting first, then move what can move.
+        let grace = self.close_listeners();
         if self.config.upgrade_migrate {
             self.migrate(&mut succ);
         }

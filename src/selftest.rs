@@ -500,13 +500,16 @@ fn check_fd_limit() -> Verdict {
     ))
 }
 
-/// The pairs the fd limit alone leaves room for.
+/// The pairs the fd limit alone leaves room for (one worker, one listener plus `reserved`,
+/// and the pipes of the default `splice = "auto"`).
 fn fd_room(nofile: u64, reserved: usize) -> usize {
     let cfg = Config {
         max_conns: Some(usize::MAX / 4),
+        apps: vec![AppConfig::new("fd", Vec::new(), Vec::new())],
         ..Config::default()
     };
-    effective_max_conns(&cfg, nofile, reserved, None).0
+    let pipes = 2 * crate::control::auto_pipes_per_worker(&cfg);
+    effective_max_conns(&cfg, nofile, reserved + pipes, None).0
 }
 
 fn root_note() -> String {

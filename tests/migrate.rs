@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::upgrade::{
-    Churn, Generations, admin_pid, become_subreaper, children_of, config_with, reap, stream,
-    upgrade, wait_active,
+    Churn, Generations, become_subreaper, children_of, config_with, reap, stream, upgrade,
+    wait_active,
 };
 use crate::util::*;
 
@@ -103,9 +103,7 @@ fn forty_streams_move(extra: &[&str]) {
         migrated >= 40.0,
         "epoxy_migrated_connections_total {migrated}"
     );
-    send_signal(new, libc::SIGTERM).expect("SIGTERM");
-    assert_eq!(reap(new, scaled_secs(30)), Some(0));
-    gens.0.clear();
+    gens.stop(new);
     let log = first.stderr_text();
     assert!(!log.contains("upgrade failed"), "{log}");
     assert_no_panic(&log);
@@ -167,9 +165,7 @@ impl OnePair {
     }
 
     fn stop(mut self, new: u32) {
-        send_signal(new, libc::SIGTERM).expect("SIGTERM");
-        assert_eq!(reap(new, scaled_secs(30)), Some(0));
-        self.gens.0.clear();
+        self.gens.stop(new);
         assert_no_panic(&self.first.stderr_text());
     }
 }
@@ -348,9 +344,7 @@ fn pair_still_connecting_is_finished_then_moved() {
     assert_eq!(&back, b"early bytes\n");
     assert_echo(&mut c, b"after the move");
     drop(c);
-    send_signal(new, libc::SIGTERM).expect("SIGTERM");
-    assert_eq!(reap(new, scaled_secs(30)), Some(0));
-    gens.0.clear();
+    gens.stop(new);
 }
 
 /// An idle pair keeps its idle clock: idle 2 s of a 3 s timeout before the move, it is
@@ -459,7 +453,6 @@ fn new_process_killed_mid_hand_over_loses_nothing() {
     );
     let kids = children_of(old);
     assert_eq!(kids.len(), 1, "{kids:?}");
-    let _ = admin_pid(admin);
     send_signal(kids[0], libc::SIGKILL).expect("SIGKILL");
     for (i, s) in streams.into_iter().enumerate() {
         s.join()

@@ -22,18 +22,6 @@ const GIB: u64 = 1 << 30;
 // Helpers local to this file
 // ---------------------------------------------------------------------------------------------
 
-/// Number of pipe fds open in process `pid`.
-fn pipe_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter(|t| t.to_string_lossy().starts_with("pipe:"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// Echo of `len` bytes (pattern `seed`) through `addr`, writing and reading at once;
 /// asserts the SHA-256 of what came back.
 fn echo_hash_check(addr: SocketAddr, seed: u64, len: u64) {

@@ -15,18 +15,6 @@ use sha2::{Digest, Sha256};
 
 use crate::util::*;
 
-/// Pipe fds open in process `pid`.
-fn pipe_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter(|t| t.to_string_lossy().starts_with("pipe:"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// One side's script: `cycles` of a 4 MiB burst then 40 writes of 100 bytes 3 ms apart.
 /// Writes it to `w` and returns the SHA-256 of everything written.
 fn play(w: &mut TcpStream, seed: u64, cycles: u64) -> std::io::Result<Hash> {

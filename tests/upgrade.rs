@@ -80,6 +80,19 @@ pub(crate) fn children_of(pid: u32) -> Vec<u32> {
 #[derive(Default)]
 pub(crate) struct Generations(pub(crate) Vec<u32>);
 
+impl Generations {
+    /// SIGTERM the process that now serves, which must exit 0; nothing left to kill.
+    pub(crate) fn stop(&mut self, pid: u32) {
+        send_signal(pid, libc::SIGTERM).expect("SIGTERM");
+        assert_eq!(
+            reap(pid, scaled_secs(30)),
+            Some(0),
+            "PID {pid} after SIGTERM"
+        );
+        self.0.clear();
+    }
+}
+
 impl Drop for Generations {
     fn drop(&mut self) {
         for &pid in &self.0 {
@@ -318,9 +331,7 @@ fn upgrade_under_load(extra: &[&str]) {
         "epoxy_connections_total {total} < {} connections made",
         ok + streamed
     );
-    send_signal(old, libc::SIGTERM).expect("SIGTERM");
-    assert_eq!(reap(old, scaled_secs(30)), Some(0), "last PID {old}");
-    gens.0.clear();
+    gens.stop(old);
     let log = first.stderr_text();
     assert!(!log.contains("upgrade failed"), "{log}");
     assert_no_panic(&log);
@@ -435,9 +446,7 @@ fn upgrade_with_invalid_config_keeps_serving() {
         Some(1.0)
     );
     churn.finish();
-    send_signal(new, libc::SIGTERM).expect("SIGTERM");
-    assert_eq!(reap(new, scaled_secs(30)), Some(0));
-    gens.0.clear();
+    gens.stop(new);
     assert_eq!(pid_in_file(), None, "the pid file is removed at exit");
 }
 

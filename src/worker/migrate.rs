@@ -11,13 +11,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mio::Interest;
-
-use super::pair::{Half, Pair, PairState};
-use super::{Worker, name_of, preface, token};
+use super::pair::{Pair, PairState};
+use super::{Worker, name_of, preface};
 use crate::backend::AppRuntime;
 use crate::migrate::{FlowRecord, MovedState, PairRecord};
-use crate::outcome::Side;
 
 /// A parked pair, described: its slot here, its record, its client and upstream sockets.
 pub struct Export {
@@ -363,16 +360,9 @@ impl Worker {
                 self.idle_timeouts = true;
             }
             self.rec.record_migrated_in();
-            // Registering reports pending readiness; relaying at once flushes held bytes.
+            // Relaying at once flushes held bytes and registers both halves with the interest
+            // they need (`relay` ends with `set_interest`).
             self.relay(idx);
-            if let Some(p) = self.pairs.get_mut(idx) {
-                let registry = self.poll.registry();
-                for side in [Side::Client, Side::Upstream] {
-                    let want: Interest = p.wanted_interest(side);
-                    let half: &mut Half = p.half(side);
-                    Worker::set_interest(registry, half, token::pair(idx, side), want);
-                }
-            }
         }
         self.release_closed();
         self.rec.set_active(self.pairs.len());

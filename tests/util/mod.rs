@@ -717,6 +717,18 @@ pub fn proc_rss_kib(pid: u32) -> io::Result<u64> {
 }
 
 /// Number of open fds of `pid`.
+/// Number of pipe fds open in process `pid` (splice pipes).
+pub fn pipe_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|t| t.to_string_lossy().starts_with("pipe:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 pub fn proc_fd_count(pid: u32) -> io::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
