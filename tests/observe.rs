@@ -400,6 +400,19 @@ fn json_metrics_parse_and_match_text() {
     wait_app_idle(admin, "live");
     wait_app_idle(admin, "gone");
     wait_closes(admin, 8);
+    // A worker publishes its live-pair gauge after its event batch, a moment after the
+    // close freed the app's slot: wait for it too, or the two scrapes below may differ.
+    assert!(
+        wait_until(scaled_secs(10), || {
+            json_get(admin, "/metrics?format=json")["workers"]
+                .as_array()
+                .is_some_and(|ws| {
+                    ws.iter()
+                        .all(|w| w["active_connections"].as_u64() == Some(0))
+                })
+        }),
+        "worker gauges never reached 0"
+    );
     let j = json_get(admin, "/metrics?format=json");
     let text = metrics_text(admin);
     let num = |v: &Value| -> f64 {
