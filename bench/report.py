@@ -40,6 +40,7 @@ PHASES = OrderedDict([
     ("d", "redis-benchmark -P 16 -t get,set, pinned"),
     ("e", "iperf3 bulk transfer, forward and reverse, pinned"),
     ("f", "idle established pairs (1 byte each way, then idle)"),
+    ("g", "keepalive 64 KiB responses, wrk -t1 -c50, pinned (bulk over many connections)"),
     ("multiapp", "issue 3: 10 apps x 10 ports x 4 targets vs single app"),
     ("admin", "issue 4: admin endpoint scraped every second vs off"),
     ("scaling-ka", "issue 5: 1 vs 2 workers, keepalive"),
@@ -69,6 +70,11 @@ METRICS = {
     "rev_gbps": ("reverse (-R)", "Gbit/s", "hi"),
     "fwd_cpu_s_per_gb": ("proxy CPU per GB, forward", "s/GB", "lo"),
     "rev_cpu_s_per_gb": ("proxy CPU per GB, reverse", "s/GB", "lo"),
+    "mb_s": ("payload throughput", "MB/s", "hi"),
+    "cpu_s_per_gb": ("proxy CPU per GB", "s/GB", "lo"),
+    "cpu_s_per_gb_sched": ("proxy CPU per GB, schedstat", "s/GB", "lo"),
+    "host_cpu_s_per_gb": ("host CPU per GB", "s/GB", "lo"),
+    "host_extra_s_per_gb": ("host CPU per GB over direct", "s/GB", "lo"),
     "pairs": ("idle pairs established", "", ""),
     "rss_before_kib": ("proxy RSS before", "KiB", ""),
     "rss_after_kib": ("proxy RSS after", "KiB", ""),
@@ -103,6 +109,7 @@ SUMMARY = [
     ("e", "fwd_gbps"), ("e", "fwd_cpu_s_per_gb"), ("e", "fwd_host_cpu_s_per_gb"), ("e", "fwd_host_extra_s_per_gb"),
     ("e", "rev_gbps"), ("e", "rev_cpu_s_per_gb"), ("e", "rev_host_cpu_s_per_gb"), ("e", "rev_host_extra_s_per_gb"),
     ("f", "rss_bytes_per_pair"), ("f", "pairs"),
+    ("g", "mb_s"), ("g", "p99_us"), ("g", "cpu_s_per_gb"), ("g", "host_cpu_s_per_gb"), ("g", "host_extra_s_per_gb"),
 ]
 
 
@@ -299,7 +306,7 @@ def main():
         return hdr, lines
 
     tables = []
-    core = [p for p in phases_seen if p in "abcdef"]
+    core = [p for p in phases_seen if p in ("a", "b", "c", "d", "e", "f", "g")]
     if core:
         ct = [t for t in order if any((p, t, m) in med for p in core for m in metrics_seen[p])]
         vc = [t for t in ct if t.startswith(subject)] if any(p in ct for p in CHEAP_PEERS) else []
@@ -354,13 +361,65 @@ def main():
         else:
             checks.append(("(b) p50 added <= HAProxy's", "not measured", ""))
 
+    # Targets of issue 12: against the cheapest peer (pen or nginx, per figure), the best peer
+    # (HAProxy included) and direct
+    checks12 = []
+    if subject in order and cheap_in:
+        peers_all = [t for t in order if t != "direct" and not t.startswith(subject)]
+
+        def best_peer(ph, m):
+            better = METRICS.get(m, ("", "", ""))[2]
+            cand = [(med[(ph, t, m)], t) for t in peers_all if (ph, t, m) in med]
+            if not cand:
+                return None, None
+            v, t = max(cand) if better == "hi" else min(cand)
+            return t, v
+
+        def c12(desc, ph, m, factor, vs="cheap"):
+            s = med.get((ph, subject, m))
+            if vs == "cheap":
+                cp, cv = cheapest(ph, m)
+            elif vs == "best":
+                cp, cv = best_peer(ph, m)
+            else:
+                cp, cv = vs, med.get((ph, vs, m))
+            if s is None or cv is None or cv == 0:
+                checks12.append((desc, "not measured", ""))
+                return
+            r = s / cv
+            better = METRICS.get(m, ("", "", ""))[2]
+            ok = r <= factor if better == "lo" else r >= factor
+            checks12.append((desc, "met" if ok else "MISSED",
+                             f"{subject} {fmt(s, m)} vs {cp} {fmt(cv, m)} = {r:.2f}x"))
+        c12("(g) 64 KiB HTTP: proxy CPU per GB <= 0.6x cheapest peer", "g", "cpu_s_per_gb", 0.6)
+        c12("(e) iperf3 fwd: proxy CPU per GB <= 0.6x cheapest peer", "e", "fwd_cpu_s_per_gb", 0.6)
+        c12("(e) iperf3 rev: proxy CPU per GB <= 0.6x cheapest peer", "e", "rev_cpu_s_per_gb", 0.6)
+        c12("(g) 64 KiB HTTP: MB/s >= best peer", "g", "mb_s", 1.0, "best")
+        c12("(e) iperf3 fwd: Gbit/s >= best peer", "e", "fwd_gbps", 1.0, "best")
+        c12("(e) iperf3 rev: Gbit/s >= best peer", "e", "rev_gbps", 1.0, "best")
+        c12("(e) iperf3 fwd: Gbit/s >= 0.75x direct", "e", "fwd_gbps", 0.75, "direct")
+        c12("(e) iperf3 rev: Gbit/s >= 0.75x direct", "e", "rev_gbps", 0.75, "direct")
+        if peer:
+            c12("(g) 64 KiB HTTP: p99 <= HAProxy's", "g", "p99_us", 1.0, peer)
+        c12("(a) 1 KiB keepalive: proxy CPU per request <= 0.9x cheapest peer", "a", "cpu_us_per_req", 0.9)
+        c12("(c) connection per request: proxy CPU per request <= 0.9x cheapest peer", "c", "cpu_us_per_req", 0.9)
+        c12("(d) redis -P 16: proxy CPU per op <= 0.9x cheapest peer (schedstat)", "d", "cpu_us_per_op_sched", 0.9)
+        c12("(a) host CPU per request over direct <= cheapest peer's", "a", "host_extra_us_per_req", 1.0)
+        c12("(c) host CPU per request over direct <= cheapest peer's", "c", "host_extra_us_per_req", 1.0)
+        c12("(d) host CPU per op over direct <= cheapest peer's", "d", "host_extra_us_per_op", 1.0)
+        s = med.get(("f", subject, "rss_bytes_per_pair"))
+        if s is not None:
+            checks12.append(("(f) idle pair RSS <= 0.3 KiB", "met" if s <= 0.3 * 1024 else "MISSED",
+                             f"{subject} {s:.0f} bytes"))
+
     # the subject against the cheapest peer, workload by workload (information, no target)
     vs_cheap = []
     if subject in order and cheap_in:
         for ph, m in SUMMARY:
             if m not in ("cpu_us_per_req", "cpu_us_per_op_sched", "fwd_cpu_s_per_gb", "rev_cpu_s_per_gb",
                          "host_extra_us_per_req", "host_extra_us_per_op", "fwd_host_extra_s_per_gb",
-                         "rev_host_extra_s_per_gb", "rps", "fwd_gbps", "rev_gbps"):
+                         "rev_host_extra_s_per_gb", "rps", "fwd_gbps", "rev_gbps", "mb_s", "cpu_s_per_gb",
+                         "host_extra_s_per_gb"):
                 continue
             r, cp = cheap_ratio(ph, subject, m)
             if cp is None or (ph, subject, m) not in med:
@@ -378,6 +437,11 @@ def main():
     if checks:
         print()
         for d, st, detail in checks:
+            print(f"  {st:12s} {d}  {detail}")
+    if checks12:
+        print()
+        print("Targets of issue 12:")
+        for d, st, detail in checks12:
             print(f"  {st:12s} {d}  {detail}")
     if vs_cheap:
         print()
@@ -457,6 +521,12 @@ def main():
         for d, st, detail in checks:
             md.append(f"- **{st}** {d}: {detail}")
         md.append("")
+    if checks12:
+        md.append("### Targets of issue 12 (ratios from this run)")
+        md.append("")
+        for d, st, detail in checks12:
+            md.append(f"- **{st}** {d}: {detail}")
+        md.append("")
     if vs_cheap:
         md.append("### Against the cheapest peer (the better of pen and nginx on each figure)")
         md.append("")
@@ -531,11 +601,15 @@ def make_chart(path, med, order, subject):
     proxies = [t for t in (subject, "pen", "nginx", "haproxy", "epoxy-splice", "haproxy-splice") if t in order]
     ratios = [("a", "rps", "(a) keepalive req/s"), ("c", "rps", "(c) conn/req req/s"),
               ("d", "set_ops", "(d) redis SET"), ("d", "get_ops", "(d) redis GET"),
-              ("e", "fwd_gbps", "(e) iperf3 fwd"), ("e", "rev_gbps", "(e) iperf3 rev")]
+              ("e", "fwd_gbps", "(e) iperf3 fwd"), ("e", "rev_gbps", "(e) iperf3 rev"),
+              ("g", "mb_s", "(g) 64 KiB HTTP")]
     ratios = [r for r in ratios if ("direct" in order and (r[0], "direct", r[1]) in med)]
     cpu = [("a", "cpu_us_per_req", "(a) keepalive"), ("c", "cpu_us_per_req", "(c) conn/req"),
            ("d", "cpu_us_per_op", "(d) redis op")]
     cpu = [c for c in cpu if any((c[0], t, c[1]) in med for t in proxies)]
+    gb = [("e", "fwd_cpu_s_per_gb", "(e) iperf3 fwd"), ("e", "rev_cpu_s_per_gb", "(e) iperf3 rev"),
+          ("g", "cpu_s_per_gb", "(g) 64 KiB HTTP")]
+    gb = [c for c in gb if any((c[0], t, c[1]) in med for t in proxies)]
     # gnuplot aborts a plot with a column of nothing but NaN: keep proxies measured here.
     proxies = [t for t in proxies
                if any((ph, t, m) in med for ph, m, _ in ratios)
@@ -543,7 +617,7 @@ def make_chart(path, med, order, subject):
     if not proxies or (not ratios and not cpu):
         return False
     tmp = tempfile.mkdtemp(prefix="epoxy-chart.")
-    f1, f2 = os.path.join(tmp, "ratios.dat"), os.path.join(tmp, "cpu.dat")
+    f1, f2, f3 = os.path.join(tmp, "ratios.dat"), os.path.join(tmp, "cpu.dat"), os.path.join(tmp, "gb.dat")
 
     def val(k):
         v = med.get(k)
@@ -558,6 +632,10 @@ def make_chart(path, med, order, subject):
         f.write("label " + " ".join(proxies) + "\n")
         for ph, m, lab in cpu:
             f.write(f'"{lab}" ' + " ".join(val((ph, t, m)) for t in proxies) + "\n")
+    with open(f3, "w") as f:
+        f.write("label " + " ".join(proxies) + "\n")
+        for ph, m, lab in gb:
+            f.write(f'"{lab}" ' + " ".join(val((ph, t, m)) for t in proxies) + "\n")
     colors = ["#1f77b4", "#8c564b", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd"]
     if shutil.which("gnuplot"):
         def plot_cmd(fn):
@@ -567,9 +645,9 @@ def make_chart(path, med, order, subject):
                 parts.append(f"{src} using {i + 2}:xtic(1) title '{t}' lc rgb '{colors[i % len(colors)]}'")
             return "plot " + ", ".join(parts)
         gp = f"""
-set terminal svg size 1100,460 dynamic font 'sans,11' background rgb 'white'
+set terminal svg size 1500,460 dynamic font 'sans,11' background rgb 'white'
 set output '{path}'
-set multiplot layout 1,2 title 'epoxy vs peers, medians of one run (loopback, proxy pinned to one core)'
+set multiplot layout 1,3 title 'epoxy vs peers, medians of one run (loopback, proxy pinned to one core)'
 set style data histogram
 set style histogram cluster gap 1
 set style fill solid 0.85 border -1
@@ -587,6 +665,11 @@ set logscale y
 set yrange [0.1:*]
 set ylabel 'microseconds of CPU'
 {plot_cmd(f2) if cpu else "plot NaN notitle"}
+unset logscale y
+set yrange [0:*]
+set title 'Proxy CPU time per GB moved (lower is better)'
+set ylabel 'seconds of CPU per GB'
+{plot_cmd(f3) if gb else "plot NaN notitle"}
 unset multiplot
 """
         r = subprocess.run(["gnuplot"], input=gp, text=True, capture_output=True)
@@ -602,9 +685,10 @@ unset multiplot
     except ImportError:
         print("no gnuplot or matplotlib: chart skipped", file=sys.stderr)
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for ax, rowsdef, title, yl, isratio in ((axes[0], ratios, "Throughput / direct (higher is better)", "ratio", True),
-                                            (axes[1], cpu, "Proxy CPU per request/op (lower is better)", "us", False)):
+                                            (axes[1], cpu, "Proxy CPU per request/op (lower is better)", "us", False),
+                                            (axes[2], gb, "Proxy CPU per GB (lower is better)", "s/GB", False)):
         wdt = 0.8 / max(1, len(proxies))
         for i, t in enumerate(proxies):
             ys = []

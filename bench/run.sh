@@ -9,6 +9,7 @@
 #   d  redis-benchmark -P 16 -t get,set               ops/s, proxy CPU us/op
 #   e  iperf3 forward and -R                          Gbit/s, proxy CPU s/GB
 #   f  idle established pairs (bench/idle_pairs.py)   proxy RSS bytes per idle pair
+#   g  wrk keepalive, 64 KiB response, -t1 -c50       MB/s, p99, proxy and host CPU s/GB
 # Hooks for later issues (opt-in through PHASES, skipped when the proxy lacks
 # the feature): multiapp (issue 3), admin (issue 4), scaling and splice (issue 5),
 # edge (issue 9: PROXY protocol both ways + a 1,000-entry allow list, chained epoxies).
@@ -34,7 +35,7 @@
 #   REDIS_N=200000     requests per redis-benchmark test
 #   PAIRS=9000         idle pairs for phase f
 #   QUICK=1            smoke run (~2 min): DURATION=3 ROUNDS=1 IPERF_TIME=2 REDIS_N=50000 PAIRS=2000
-#   PHASES="a b c d e f"   which phases (add: multiapp admin scaling splice)
+#   PHASES="a b c d e f g" which phases (add: multiapp admin scaling splice)
 #   TARGETS="epoxy pen nginx haproxy direct"  which peers (nginx = nginx stream proxy,
 #                      not the phase a-c HTTP backend, which is a separate instance)
 #   SUBJECT=epoxy      the proxy under test; SUBJECT=socat uses socat as a stand-in
@@ -62,7 +63,7 @@ IPERF_TIME=${IPERF_TIME:-5}
 REDIS_N=${REDIS_N:-200000}
 PAIRS=${PAIRS:-9000}
 WARMUP=${WARMUP:-2}
-PHASES=${PHASES:-"a b c d e f"}
+PHASES=${PHASES:-"a b c d e f g"}
 SUBJECT=${SUBJECT:-epoxy}
 TARGETS=${TARGETS:-"$SUBJECT pen nginx haproxy direct"}
 EPOXY_BIN=${EPOXY_BIN:-$ROOT/target/release/proxy}
@@ -220,6 +221,7 @@ start_nginx() {  # start_nginx CPUSET [extra listen ports...]; NGINX_PP_PORT: on
     for p in "$@"; do port_mine "$p" "nginx backend" || return 1; done
     mkdir -p "$d/www" "$d/tmp"
     head -c 1024 /dev/zero | tr '\0' 'x' >"$d/www/1k.bin"
+    head -c 65536 /dev/urandom >"$d/www/64k.bin"
     cat >"$d/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -468,7 +470,7 @@ wrk_once() {
     u0=$( [ -n "$pid" ] && user_ticks "$pid" || echo 0)
     h0=$(host_ticks)
     timeout $((dur + 30)) taskset -c "${cpus:-$ALLCPUS}" \
-        wrk -t"${WRK_THREADS:-1}" -c"$conns" -d"${dur}s" --latency "$@" "http://$HOST:$port/1k.bin" >"$out" 2>&1
+        wrk -t"${WRK_THREADS:-1}" -c"$conns" -d"${dur}s" --latency "$@" "http://$HOST:$port/${WRK_FILE:-1k.bin}" >"$out" 2>&1
     local rc=$?
     h1=$(host_ticks)
     t1=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0); n1=$( [ -n "$pid" ] && cpu_ns "$pid" || echo 0)
@@ -506,6 +508,12 @@ wrk_once() {
     # host-wide: every CPU's busy time (proxy, wrk, backend, kernel), direct included
     rec "$phase" "$name" "$round" host_cpu_us_per_req "$(calc "($h1 - $h0) / $CLK_TCK * 1e6 / $reqs")"
     rec "$phase" "$name" "$round" host_cpu_pct "$(calc "($h1 - $h0) / $CLK_TCK / $dur * 100")"
+    if [ -n "${WRK_BYTES:-}" ]; then          # bulk responses: payload throughput and CPU per GB
+        rec "$phase" "$name" "$round" mb_s "$(calc "$reqs * $WRK_BYTES / $dur / 1e6")"
+        [ -n "$pid" ] && rec "$phase" "$name" "$round" cpu_s_per_gb "$(calc "($t1 - $t0) / $CLK_TCK / ($reqs * $WRK_BYTES / 1e9)")"
+        [ -n "$pid" ] && rec "$phase" "$name" "$round" cpu_s_per_gb_sched "$(calc "($n1 - $n0) / 1e9 / ($reqs * $WRK_BYTES / 1e9)")"
+        rec "$phase" "$name" "$round" host_cpu_s_per_gb "$(calc "($h1 - $h0) / $CLK_TCK / ($reqs * $WRK_BYTES / 1e9)")"
+    fi
     log "  $phase r$round $name: $rps req/s p50 $p50 p99 $p99 cpu $(( t1 - t0 )) ticks (host $(( h1 - h0 ))) errs $errs"
     alive "$name" "$round"
 }
@@ -520,7 +528,7 @@ wrk_phase() {
     start_nginx "$lcpu" || return
     start_targets "$P_NGINX" "$pcpu"
     local pin_txt="taskset -c $LOAD_CPU "; [ "$pinned" = 1 ] || pin_txt=""
-    cmd "$phase" "${pin_txt}wrk -t1 -c$conns -d${DURATION}s --latency $* http://$HOST:PORT/1k.bin"
+    cmd "$phase" "${pin_txt}wrk -t1 -c$conns -d${DURATION}s --latency $* http://$HOST:PORT/${WRK_FILE:-1k.bin}"
     for t in "${RUNNING[@]}"; do wrk_once "$phase" "$t" warmup "$lcpu" "$conns" "$WARMUP" "$@"; done
     for ((r = 1; r <= ROUNDS; r++)); do
         for t in "${RUNNING[@]}"; do
@@ -560,7 +568,7 @@ syscalls_once() {
     timeout 8 strace -c -f -p "$pid" -o "$st" >/dev/null 2>&1 &
     stpid=$!; track "$stpid"
     sleep 0.5
-    reqs=$(taskset -c "${cpus:-$ALLCPUS}" wrk -t1 -c"$conns" -d3s "$@" "http://$HOST:$port/1k.bin" 2>&1 | awk '/requests in/ { print $1 }')
+    reqs=$(taskset -c "${cpus:-$ALLCPUS}" wrk -t1 -c"$conns" -d3s "$@" "http://$HOST:$port/${WRK_FILE:-1k.bin}" 2>&1 | awk '/requests in/ { print $1 }')
     kill -INT "$stpid" 2>/dev/null; wait "$stpid" 2>/dev/null
     [ -s "$st" ] && [ "${reqs:-0}" -gt 0 ] || { note "phase $phase: strace -c of $name gave nothing"; return; }
     { echo "--- $name, phase $phase: syscalls per request under strace -c -f ($reqs requests)"
@@ -590,6 +598,11 @@ phase_b() {  # one connection, unpinned: latency added over direct
 phase_c() {  # new TCP connection per request
     proxy_cmdline_notes "$PROXY_CPU" c
     wrk_phase c "$WRK_CONNS" 1 -H "Connection: close"
+}
+
+phase_g() {  # keepalive 64 KiB responses (bulk over many connections), -c50, pinned
+    proxy_cmdline_notes "$PROXY_CPU" g
+    WRK_FILE=64k.bin WRK_BYTES=65536 wrk_phase g "$WRK_CONNS" 1
 }
 
 phase_d() {  # redis-benchmark -P 16

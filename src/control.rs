@@ -293,6 +293,21 @@ pub fn auto_pipes_per_worker(cfg: &Config) -> usize {
     }
 }
 
+/// Pipes per worker that may be enlarged to `relay::PIPE_SIZE`. Linux caps a user's pipe
+/// capacity (`pipe-user-pages-soft`, 16384 pages by default, shared by every process of the
+/// user); past it, new pipes get 2 pages and enlarging fails. This process keeps to half of
+/// it, so an old and a new process during an upgrade fit together, split over the workers.
+/// `None` (unreadable) allows none; 0 (no cap) allows a default pool's worth.
+pub fn big_pipes_per_worker(soft_pages: Option<u64>, workers: usize) -> usize {
+    let page = 4096u64;
+    let per_pipe = (crate::worker::relay::PIPE_SIZE as u64 / page).max(1);
+    match soft_pages {
+        None => 0,
+        Some(0) => AUTO_PIPES_PER_WORKER,
+        Some(soft) => (soft / 2 / per_pipe / workers.max(1) as u64) as usize,
+    }
+}
+
 /// The worker threads `w` means here (`auto`: usable CPUs and the cgroup CPU quota).
 pub fn worker_count(w: Workers) -> usize {
     match w {
@@ -501,6 +516,7 @@ impl Proxy {
         } else {
             auto_pipes
         };
+        let big_pipes = big_pipes_per_worker(sys::pipe_user_pages_soft(), nworkers);
         if !config.cpu_pin.is_empty() {
             let allowed = sys::allowed_cpus().unwrap_or_default();
             if let Some(cpu) = config.cpu_pin.iter().find(|c| !allowed.contains(c)) {
@@ -556,6 +572,7 @@ impl Proxy {
                 commands: rx,
                 access_log: access_tx.clone(),
                 pipe_budget,
+                big_pipes,
             };
             let (thread, waker) = spawn_worker(setup, config.cpu_pin.get(id).copied())?;
             workers.push(Some(thread));
@@ -1421,6 +1438,16 @@ mod tests {
     use super::*;
     use crate::config::{AppConfig, TargetConfig};
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn big_pipes_keep_to_half_the_users_pipe_pages() {
+        // 16384 pages (the Linux default): half is 8192 = 128 pipes of 256 KiB.
+        assert_eq!(big_pipes_per_worker(Some(16384), 1), 128);
+        assert_eq!(big_pipes_per_worker(Some(16384), 16), 8);
+        assert_eq!(big_pipes_per_worker(Some(16384), 200), 0);
+        assert_eq!(big_pipes_per_worker(Some(0), 4), AUTO_PIPES_PER_WORKER);
+        assert_eq!(big_pipes_per_worker(None, 1), 0);
+    }
 
     #[test]
     fn cpu_quota_sets_auto_workers() {

@@ -128,6 +128,44 @@ pub fn pipe() -> io::Result<Pipe> {
     Ok(Pipe { r, w })
 }
 
+/// Set a pipe's capacity (fcntl F_SETPIPE_SZ; the kernel rounds up to a power-of-two number
+/// of pages). Returns the capacity granted. Fails (EPERM) above `/proc/sys/fs/pipe-max-size`
+/// or once this user's pipes are over `pipe-user-pages-soft`; the pipe keeps its size then.
+pub fn set_pipe_size(pipe: &Pipe, bytes: usize) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: fcntl on a pipe fd we own; F_SETPIPE_SZ takes an int and passes no memory.
+    let n = unsafe { libc::fcntl(pipe.w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A pipe's capacity in bytes (fcntl F_GETPIPE_SZ).
+pub fn pipe_size(pipe: &Pipe) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a pipe fd we own; F_GETPIPE_SZ passes no memory.
+    let n = unsafe { libc::fcntl(pipe.w.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// The per-user cap, in pages, on pipe capacity beyond which new pipes are created small
+/// and F_SETPIPE_SZ is refused (`/proc/sys/fs/pipe-user-pages-soft`; 0 = none). `None` when
+/// it cannot be read.
+pub fn pipe_user_pages_soft() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// splice(2) up to `len` bytes from `fd_in` to `fd_out` without blocking.
 pub fn splice(
     fd_in: std::os::fd::RawFd,
@@ -534,6 +572,14 @@ pub fn write_fd(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pipe_grows_to_the_size_asked_and_reports_it() {
+        let p = pipe().unwrap();
+        assert_eq!(pipe_size(&p).unwrap(), 64 << 10);
+        assert!(set_pipe_size(&p, 256 << 10).unwrap() >= 256 << 10);
+        assert!(pipe_size(&p).unwrap() >= 256 << 10);
+    }
 
     /// A fake cgroup tree under a fresh temp directory, removed on drop.
     struct Tree(PathBuf);

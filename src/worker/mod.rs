@@ -111,6 +111,8 @@ pub struct WorkerSetup {
     pub access_log: Option<SyncSender<AccessRecord>>,
     /// Most kernel pipes this worker may hold for splice (2 fds each).
     pub pipe_budget: usize,
+    /// How many of those pipes may be enlarged to `relay::PIPE_SIZE`.
+    pub big_pipes: usize,
 }
 
 /// One worker's loop state. Fields are private to `worker/` (its submodules share them);
@@ -191,7 +193,7 @@ impl Worker {
             pairs: Slab::with_capacity(setup.max_conns),
             names: vec![0; setup.max_conns * preface::NAME_MAX],
             pool: BufPool::new(setup.max_conns * 2, setup.buffer_size)?,
-            pipes: relay::PipePool::new(setup.pipe_budget),
+            pipes: relay::PipePool::new(setup.pipe_budget, setup.big_pipes),
             listeners,
             app_paused: vec![false; setup.apps.len()],
             apps: setup.apps,

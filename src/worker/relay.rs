@@ -102,7 +102,14 @@ pub struct PipePool {
     /// Pipes alive (free or held by flows).
     live: usize,
     budget: usize,
+    /// How many more pipes may be enlarged to `PIPE_SIZE` (a share of the user's pipe-page
+    /// allowance, see `control::big_pipes_per_worker`); the rest keep the default 64 KiB.
+    big_left: usize,
 }
+
+/// Capacity asked of each new pipe while `big_left` lasts: one splice moves up to this much,
+/// so a bulk direction costs a quarter of the system calls a default 64 KiB pipe needs.
+pub const PIPE_SIZE: usize = 256 << 10;
 
 /// Consecutive full-buffer reads after which a direction counts as bulk (`splice = "auto"`
 /// then moves it to a pipe: 64 KiB per system call instead of one buffer's worth).
@@ -114,11 +121,35 @@ const SPLICE_CHUNK: usize = 1 << 20;
 const PIPE_FREE_MAX: usize = 64;
 
 impl PipePool {
-    pub fn new(budget: usize) -> PipePool {
+    pub fn new(budget: usize, big: usize) -> PipePool {
         PipePool {
             free: Vec::with_capacity(PIPE_FREE_MAX.min(budget)),
             live: 0,
             budget,
+            big_left: big,
+        }
+    }
+
+    /// Grow a new pipe to `PIPE_SIZE` while the allowance lasts. A refusal (the user's pipe
+    /// pages are spent, or a lower pipe-max-size) ends the attempts: the pipe stays default.
+    fn enlarge(&mut self, p: &Pipe) {
+        if self.big_left == 0 {
+            return;
+        }
+        match sys::set_pipe_size(p, PIPE_SIZE) {
+            Ok(_) => self.big_left -= 1,
+            Err(e) => {
+                log::debug!("F_SETPIPE_SZ {PIPE_SIZE}: {e}; pipes stay at the default size");
+                self.big_left = 0;
+            }
+        }
+    }
+
+    /// Close a pipe, giving its share of the enlarge allowance back.
+    fn close(&mut self, pipe: Pipe) {
+        self.live -= 1;
+        if sys::pipe_size(&pipe).is_ok_and(|n| n >= PIPE_SIZE) {
+            self.big_left += 1;
         }
     }
 
@@ -132,6 +163,7 @@ impl PipePool {
         match sys::pipe() {
             Ok(p) => {
                 self.live += 1;
+                self.enlarge(&p);
                 Some(p)
             }
             Err(e) => {
@@ -150,6 +182,7 @@ impl PipePool {
         match sys::pipe() {
             Ok(p) => {
                 self.live += 1;
+                self.enlarge(&p);
                 Some(p)
             }
             Err(e) => {
@@ -164,7 +197,7 @@ impl PipePool {
         if empty && self.free.len() < self.free.capacity() {
             self.free.push(pipe);
         } else {
-            self.live -= 1;
+            self.close(pipe);
         }
     }
 }
@@ -287,9 +320,11 @@ fn pump(
             Ok(n) => {
                 if via_pipe {
                     flow.piped = n;
-                    // Less than a buffer's worth: quiet again, back to the buffer.
+                    // Less than a buffer's worth: quiet again, back to the buffer, but warm:
+                    // one more full buffer read (the next response of a keepalive download)
+                    // brings the pipe back, where a flow that has been sparse needs two.
                     if n < pool.buffer_size() {
-                        flow.bulk = 0;
+                        flow.bulk = BULK_READS - 1;
                     }
                 } else {
                     flow.buf.filled(n);
