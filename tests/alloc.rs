@@ -261,6 +261,86 @@ fn relay_does_not_allocate_on_worker_threads() {
     assert_eq!(summary.bytes_upstream_to_client, expected);
 }
 
+/// Pipe fds open in this process (the proxy runs in it: its splice pipes).
+fn pipe_fds_here() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().starts_with("pipe:"))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// `splice = "auto"` (the default) moving a direction to a pipe and back, over and over:
+/// 8 cycles of a 1 MiB bulk echo (64 KiB writes: bulk, through a pipe) then 50 round trips
+/// of 100 bytes (quiet: back to the buffer). The switches allocate nothing either.
+#[test]
+fn adaptive_switching_does_not_allocate_on_worker_threads() {
+    let _serial = serial();
+    let before = pipe_fds_here();
+    let (proxy, addr) = start_proxy();
+
+    let mut send = vec![0u8; CHUNK];
+    let mut back = vec![0u8; CHUNK];
+    fill(&mut send, 0x5B11CE);
+    let mut small = [0u8; 100];
+    let mut small_back = [0u8; 100];
+    fill(&mut small, 0x5B11CF);
+    let mut c = client(addr);
+    let cycle = |c: &mut TcpStream, send: &[u8], back: &mut [u8], sb: &mut [u8]| {
+        let bulk = echo_bytes(c, send, back, 1 << 20);
+        let sparse = echo_bytes(c, &small, sb, 50 * small.len());
+        (bulk, sparse)
+    };
+    // Warm-up: pipes are created (and kept for reuse) on the first bulk phases.
+    for _ in 0..2 {
+        assert_eq!(
+            cycle(&mut c, &send, &mut back, &mut small_back),
+            (Ok(0), Ok(0))
+        );
+    }
+    let pipes = pipe_fds_here().saturating_sub(before);
+    assert!(
+        pipes >= 2,
+        "no splice pipe appeared during bulk echo (pipe fds {pipes}): the window would not \
+         cover the pipe path"
+    );
+
+    ALLOC.start_window();
+    let mut results = [(Ok(0), Ok(0)); 8];
+    for r in results.iter_mut() {
+        *r = cycle(&mut c, &send, &mut back, &mut small_back);
+    }
+    let (on_workers, elsewhere) = ALLOC.end_window();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(
+            *r,
+            (Ok(0), Ok(0)),
+            "cycle {i}: echo failed or came back different"
+        );
+    }
+    eprintln!(
+        "allocations during 8 bulk/sparse cycles: {on_workers} on worker threads, {elsewhere} elsewhere"
+    );
+    assert_eq!(
+        on_workers, 0,
+        "the worker threads allocated {on_workers} times across buffer/pipe switches"
+    );
+
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut one = [0u8; 1];
+    assert_eq!(c.read(&mut one).expect("EOF at the end"), 0);
+    drop(c);
+    let summary = stop_proxy(proxy);
+    let expected = 10 * ((1u64 << 20) + 50 * 100);
+    assert_eq!(summary.bytes_client_to_upstream, expected);
+    assert_eq!(summary.bytes_upstream_to_client, expected);
+}
+
 /// One short connection: connect, one round trip of `send`, half-close, read the EOF, close.
 /// Does not allocate (fixed buffers, std sockets, no formatting).
 fn short_connection(addr: SocketAddr, send: &[u8], back: &mut [u8]) -> Result<bool, ()> {

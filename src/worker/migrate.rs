@@ -51,9 +51,9 @@ fn flow_record(f: &super::pair::Flow, data: Vec<u8>) -> FlowRecord {
     }
 }
 
-/// Largest number of bytes a flow may hold in a pipe and still move (a default pipe's
-/// capacity: the new process writes them into a pipe of its own).
-pub const MAX_PIPED: usize = 64 << 10;
+/// Largest number of bytes a flow may hold in a pipe and still move (the capacity pipes are
+/// grown to: the new process writes them into a pipe of its own, grown to fit).
+pub const MAX_PIPED: usize = crate::worker::relay::PIPE_SIZE;
 
 /// A copy of the `piped` bytes sitting in `pipe`, left in place (tee(2) into a scratch pipe,
 /// then read). `None`: they could not be copied whole.
@@ -63,6 +63,11 @@ fn copy_piped(pipe: &crate::sys::Pipe, piped: usize) -> Option<Vec<u8>> {
         return None;
     }
     let scratch = crate::sys::pipe().ok()?;
+    // tee(2) copies the pipe's slots: the scratch pipe needs as many as the source has.
+    let cap = crate::sys::pipe_size(pipe).ok()?;
+    if cap > crate::sys::pipe_size(&scratch).ok()? {
+        crate::sys::set_pipe_size(&scratch, cap).ok()?;
+    }
     let n = crate::sys::tee(pipe.r.as_raw_fd(), scratch.w.as_raw_fd(), piped).ok()?;
     if n != piped {
         return None;
@@ -303,6 +308,10 @@ impl Worker {
                     match self.pipes.take_any() {
                         Some(p) => {
                             use std::os::fd::AsRawFd;
+                            // A pipe of the old process may have been larger than this one.
+                            if crate::sys::pipe_size(&p).is_ok_and(|n| n < r.data.len()) {
+                                let _ = crate::sys::set_pipe_size(&p, r.data.len());
+                            }
                             let mut put = 0;
                             while put < r.data.len() {
                                 match crate::sys::write_fd(p.w.as_raw_fd(), &r.data[put..]) {
