@@ -65,8 +65,8 @@ impl Worker {
                 self.close(idx, CloseReason::NoBackend);
                 return;
             }
-            let target = pair.candidates[pair.attempt as usize] as usize;
-            pair.target = target;
+            pair.target = pair.candidates[pair.attempt as usize];
+            let target = usize::from(pair.target);
             let app = &pair.app;
             let Some(t) = app.targets.get(target) else {
                 pair.attempt += 1;
@@ -167,8 +167,9 @@ impl Worker {
         self.setting_up -= 1;
         pair.upstream.writable = true;
         pair.last_active = self.now;
-        pair.connect_time = self.now.saturating_duration_since(pair.connect_started);
-        if let Some(t) = pair.app.targets.get(pair.target) {
+        let took = self.now.saturating_duration_since(pair.connect_started);
+        pair.set_connect_time(took);
+        if let Some(t) = pair.app.targets.get(usize::from(pair.target)) {
             t.health.on_connect_ok();
         }
         self.relay(idx);
@@ -179,7 +180,7 @@ impl Worker {
             return;
         };
         let app = &pair.app;
-        let target = app.targets.get(pair.target);
+        let target = app.targets.get(usize::from(pair.target));
         self.rec
             .record_connect_fail(target.map(|t| t.counters.as_ref()), fail);
         if let Some(t) = target

@@ -178,7 +178,7 @@ impl Worker {
                 target: pair
                     .app
                     .targets
-                    .get(pair.target)
+                    .get(usize::from(pair.target))
                     .map(|t| t.cfg.name.clone())
                     .unwrap_or_default(),
                 server_name: record_name(name_of(&self.names, idx, pair.sni_len)),
@@ -196,7 +196,7 @@ impl Worker {
                 idle: now
                     .saturating_duration_since(pair.last_active)
                     .min(now.saturating_duration_since(pair.started)),
-                connect_time: pair.connect_time,
+                connect_time: pair.connect_time(),
                 to_upstream: flow_record(&pair.to_upstream, up),
                 to_client: flow_record(&pair.to_client, down),
             };
@@ -279,9 +279,9 @@ impl Worker {
             pair.started = now.checked_sub(rec.age).unwrap_or(now);
             pair.last_active = now.checked_sub(rec.idle).unwrap_or(now);
             pair.connect_started = pair.started;
-            pair.connect_time = rec.connect_time;
-            pair.target = imp.target;
-            pair.candidates[0] = imp.target as u16;
+            pair.set_connect_time(rec.connect_time);
+            pair.target = u16::try_from(imp.target).unwrap_or(u16::MAX);
+            pair.candidates[0] = pair.target;
             pair.n_candidates = 1;
             pair.attempt = 1;
             pair.splice = rec.splice && imp.app.cfg.splice;

@@ -429,9 +429,9 @@ impl Worker {
             let rec = AccessRecord {
                 app: pair.app.clone(),
                 client: pair.client_addr,
-                target: connected.then_some(pair.target),
+                target: connected.then_some(usize::from(pair.target)),
                 duration: self.now.saturating_duration_since(pair.started),
-                connect_time: pair.connect_time,
+                connect_time: pair.connect_time(),
                 bytes_to_upstream: pair.to_upstream.written,
                 bytes_to_client: pair.to_client.written,
                 reason,
@@ -586,7 +586,12 @@ impl Worker {
                 client: p.client_addr,
                 app: p.app.cfg.name.clone(),
                 target: (p.n_candidates > 0)
-                    .then(|| p.app.targets.get(p.target).map(|t| t.cfg.name.clone()))
+                    .then(|| {
+                        p.app
+                            .targets
+                            .get(usize::from(p.target))
+                            .map(|t| t.cfg.name.clone())
+                    })
                     .flatten(),
                 state: p.state.as_str(),
                 age: self.now.saturating_duration_since(p.started),
