@@ -515,18 +515,12 @@ def main():
             md.append("")
         md.append(md_table(hdr, lines))
         md.append("")
-    if checks:
-        md.append("### Targets of issue 2 (ratios from this run)")
-        md.append("")
-        for d, st, detail in checks:
-            md.append(f"- **{st}** {d}: {detail}")
-        md.append("")
-    if checks12:
-        md.append("### Targets of issue 12 (ratios from this run)")
-        md.append("")
-        for d, st, detail in checks12:
-            md.append(f"- **{st}** {d}: {detail}")
-        md.append("")
+    for issue, items in (("2", checks), ("12", checks12)):
+        if items:
+            md.append(f"### Targets of issue {issue} (ratios from this run)")
+            md.append("")
+            md.extend(f"- **{st}** {d}: {detail}" for d, st, detail in items)
+            md.append("")
     if vs_cheap:
         md.append("### Against the cheapest peer (the better of pen and nginx on each figure)")
         md.append("")

@@ -250,13 +250,17 @@ fn relay_does_not_allocate_on_worker_threads() {
         "the proxy's worker threads allocated {on_workers} times while relaying"
     );
 
+    close_and_check_totals(c, proxy, (WINDOW_BYTES + (4 << 20) + (2 << 20)) as u64);
+}
+
+/// Half-close the measured connection, read its EOF, stop the proxy and check that it counted
+/// `expected` bytes each way.
+fn close_and_check_totals(mut c: TcpStream, proxy: epoxy::Proxy, expected: u64) {
     c.shutdown(Shutdown::Write).unwrap();
     let mut one = [0u8; 1];
     assert_eq!(c.read(&mut one).expect("EOF at the end"), 0);
     drop(c);
-
     let summary = stop_proxy(proxy);
-    let expected = (WINDOW_BYTES + (4 << 20) + (2 << 20)) as u64;
     assert_eq!(summary.bytes_client_to_upstream, expected);
     assert_eq!(summary.bytes_upstream_to_client, expected);
 }
@@ -331,14 +335,7 @@ fn adaptive_switching_does_not_allocate_on_worker_threads() {
         "the worker threads allocated {on_workers} times across buffer/pipe switches"
     );
 
-    c.shutdown(Shutdown::Write).unwrap();
-    let mut one = [0u8; 1];
-    assert_eq!(c.read(&mut one).expect("EOF at the end"), 0);
-    drop(c);
-    let summary = stop_proxy(proxy);
-    let expected = 10 * ((1u64 << 20) + 50 * 100);
-    assert_eq!(summary.bytes_client_to_upstream, expected);
-    assert_eq!(summary.bytes_upstream_to_client, expected);
+    close_and_check_totals(c, proxy, 10 * ((1u64 << 20) + 50 * 100));
 }
 
 /// One short connection: connect, one round trip of `send`, half-close, read the EOF, close.
