@@ -309,9 +309,7 @@ impl Worker {
                         Some(p) => {
                             use std::os::fd::AsRawFd;
                             // A pipe of the old process may have been larger than this one.
-                            if crate::sys::pipe_size(&p).is_ok_and(|n| n < r.data.len()) {
-                                let _ = crate::sys::set_pipe_size(&p, r.data.len());
-                            }
+                            ok &= self.pipes.fit(&p, r.data.len());
                             let mut put = 0;
                             while put < r.data.len() {
                                 match crate::sys::write_fd(p.w.as_raw_fd(), &r.data[put..]) {

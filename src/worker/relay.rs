@@ -105,6 +105,8 @@ pub struct PipePool {
     /// How many more pipes may be enlarged to `PIPE_SIZE` (a share of the user's pipe-page
     /// allowance, see `control::big_pipes_per_worker`); the rest keep the default 64 KiB.
     big_left: usize,
+    /// The allowance `big_left` started from (it never grows past it).
+    big_max: usize,
 }
 
 /// Capacity asked of each new pipe while `big_left` lasts: one splice moves up to this much,
@@ -127,6 +129,7 @@ impl PipePool {
             live: 0,
             budget,
             big_left: big,
+            big_max: big,
         }
     }
 
@@ -145,11 +148,30 @@ impl PipePool {
         }
     }
 
+    /// Grow `p` (from this pool) to hold `len` bytes: a pair moved by an upgrade may bring more
+    /// than a default pipe holds. Counted against the enlarge allowance like `enlarge`, even
+    /// past it (the bytes must go somewhere); `close` gives it back.
+    pub fn fit(&mut self, p: &Pipe, len: usize) -> bool {
+        let have = sys::pipe_size(p).unwrap_or(0);
+        if have >= len {
+            return true;
+        }
+        match sys::set_pipe_size(p, len) {
+            Ok(n) => {
+                if n >= PIPE_SIZE && have < PIPE_SIZE {
+                    self.big_left = self.big_left.saturating_sub(1);
+                }
+                n >= len
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Close a pipe, giving its share of the enlarge allowance back.
     fn close(&mut self, pipe: Pipe) {
         self.live -= 1;
         if sys::pipe_size(&pipe).is_ok_and(|n| n >= PIPE_SIZE) {
-            self.big_left += 1;
+            self.big_left = (self.big_left + 1).min(self.big_max);
         }
     }
 
