@@ -576,7 +576,8 @@ mod tests {
     #[test]
     fn pipe_grows_to_the_size_asked_and_reports_it() {
         let p = pipe().unwrap();
-        assert_eq!(pipe_size(&p).unwrap(), 64 << 10);
+        // (A fresh pipe is 64 KiB, or 2 pages once the user is over pipe-user-pages-soft.)
+        assert!(pipe_size(&p).unwrap() < 256 << 10);
         assert!(set_pipe_size(&p, 256 << 10).unwrap() >= 256 << 10);
         assert!(pipe_size(&p).unwrap() >= 256 << 10);
     }

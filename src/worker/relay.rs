@@ -114,7 +114,7 @@ pub struct PipePool {
 pub const PIPE_SIZE: usize = 256 << 10;
 
 /// Consecutive full-buffer reads after which a direction counts as bulk (`splice = "auto"`
-/// then moves it to a pipe: 64 KiB per system call instead of one buffer's worth).
+/// then moves it to a pipe: up to `PIPE_SIZE` per system call instead of one buffer's worth).
 pub const BULK_READS: u8 = 2;
 
 /// Most bytes one splice call moves into a pipe (the pipe's capacity bounds it anyway).
@@ -342,11 +342,9 @@ fn pump(
             Ok(n) => {
                 if via_pipe {
                     flow.piped = n;
-                    // Less than a buffer's worth: quiet again, back to the buffer, but warm:
-                    // one more full buffer read (the next response of a keepalive download)
-                    // brings the pipe back, where a flow that has been sparse needs two.
+                    // Less than a buffer's worth: quiet again, back to the buffer.
                     if n < pool.buffer_size() {
-                        flow.bulk = BULK_READS - 1;
+                        flow.bulk = 0;
                     }
                 } else {
                     flow.buf.filled(n);
