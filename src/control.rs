@@ -949,6 +949,7 @@ impl Proxy {
                 "upgrade: drained; PID {} carries on, this process exits",
                 succ.pid
             );
+            succ.finish(upgrade::FINISH_PATIENCE);
         }
         Ok(finished)
     }

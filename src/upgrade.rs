@@ -24,8 +24,8 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -53,10 +53,15 @@ pub const ENV_TEST_HOLD_MS: &str = "EPOXY_UPGRADE_TEST_HOLD_MS";
 /// Test hook: the new process waits this many milliseconds before answering a batch of
 /// moved pairs.
 pub const ENV_TEST_MIGRATE_HOLD_MS: &str = "EPOXY_MIGRATE_TEST_HOLD_MS";
+/// Test hook, like the one above: the new process waits this long before serving a committed
+/// batch (a new process slow to read its channel).
+pub const ENV_TEST_COMMIT_HOLD_MS: &str = "EPOXY_MIGRATE_TEST_COMMIT_HOLD_MS";
 /// How long the old process waits for the new one to say `Ready`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the new process waits for the sockets, and for `Go` after `Ready`.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an old process waits, at exit, for the new one to read the last frames.
+pub const FINISH_PATIENCE: Duration = Duration::from_secs(2);
 /// Version of the channel's frames.
 const VERSION: u32 = 1;
 /// Largest frame accepted.
@@ -780,6 +785,15 @@ impl Predecessor {
                         }
                         Frame::Commit { batch, stall_us } => match pending.take() {
                             Some((b, imports)) if b == batch => {
+                                if let Some(ms) = std::env::var(ENV_TEST_COMMIT_HOLD_MS)
+                                    .ok()
+                                    .and_then(|v| v.parse::<u64>().ok())
+                                {
+                                    log::info!(
+                                        "upgrade: test hold of {ms} ms before commit {batch}"
+                                    );
+                                    std::thread::sleep(Duration::from_millis(ms));
+                                }
                                 let n = imports.len() as u64;
                                 adopter.adopt(imports);
                                 view.migration.record(n, stall_us);
@@ -1112,6 +1126,39 @@ impl Successor {
     /// This process keeps every pair of `batch` (best effort: a dead peer needs no word).
     pub fn abort(&self, batch: u64) {
         let _ = write_frame(&self.sock, &Frame::Abort { batch }, &[]);
+    }
+
+    /// The last word before this process exits: close the sending side and wait up to
+    /// `patience` for the new process to close its end, which it does once it has read every
+    /// frame (pairs committed, final counters). So whoever sees this process gone finds every
+    /// moved pair listed, and the totals carried over, in the new one.
+    pub fn finish(self, patience: Duration) {
+        let _ = self.sock.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + patience;
+        let mut buf = [0u8; 512];
+        loop {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                log::warn!(
+                    "upgrade: PID {} did not close the channel within {patience:?}",
+                    self.pid
+                );
+                return;
+            };
+            if left.is_zero() || self.sock.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            match (&self.sock).read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
     }
 
     /// Drop a new process that said ready but must not take over (shutdown began): closing

@@ -424,6 +424,52 @@ fn proxy_header_is_not_sent_again_after_the_move() {
 
 /// `kill -9` of the new process while it holds a batch of moved pairs (before it answers):
 /// the old process keeps every pair, and each stream ends intact through it.
+/// A new process slow to serve what it was given (it holds each commit 500 ms): the old one
+/// waits at exit until the new one has read the whole channel, so once the old process is
+/// gone the new one lists every moved pair and counts it, with no window in between.
+#[test]
+fn old_process_exits_only_once_the_new_one_serves_the_moved_pairs() {
+    become_subreaper();
+    let echo = echo_server();
+    let st = start_cfg_env(
+        "toml",
+        1,
+        &[],
+        true,
+        &config_with(echo.addr(), true, ""),
+        &[("EPOXY_MIGRATE_TEST_COMMIT_HOLD_MS", "500")],
+    );
+    let addr = st.addr(0);
+    let admin = st.admin.expect("admin");
+    let mut first = st.proxy;
+    let mut gens = Generations::default();
+    let streams: Vec<_> = (0..10)
+        .map(|i| stream(addr, 7100 + i, 60, Duration::from_millis(20)))
+        .collect();
+    wait_active(admin, 10);
+    let new = upgrade(first.pid(), admin, &first);
+    gens.0.push(new);
+    first_exits(&mut first, scaled_secs(10));
+    let listed = connections(admin);
+    assert_eq!(
+        listed.len(),
+        10,
+        "right after the old process exited: {listed:?}"
+    );
+    let text = metrics_text(admin);
+    let migrated = metric(&text, "epoxy_migrated_connections_total", &[]).unwrap_or(0.0);
+    assert_eq!(migrated, 10.0, "epoxy_migrated_connections_total");
+    for (i, s) in streams.into_iter().enumerate() {
+        s.join()
+            .expect("stream thread")
+            .unwrap_or_else(|e| panic!("stream {i}: {e}"));
+    }
+    gens.stop(new);
+    let log = first.stderr_text();
+    assert!(!log.contains("did not close the channel"), "{log}");
+    assert_no_panic(&log);
+}
+
 #[test]
 fn new_process_killed_mid_hand_over_loses_nothing() {
     become_subreaper();

@@ -591,7 +591,9 @@ fn socket_activation_serves_the_given_listener() {
     } else {
         format!("3<&{fd} {fd}<&-")
     };
-    let mut cmd = Command::new("sh");
+    // bash, not sh: dash takes only one-digit descriptors in a redirection, and with other
+    // tests running in parallel the listener's descriptor is often 10 or more.
+    let mut cmd = Command::new("bash");
     cmd.arg("-c")
         .arg(format!(
             "export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$0\" -c \"$1\" --workers 2 {redirect}"
@@ -599,6 +601,10 @@ fn socket_activation_serves_the_given_listener() {
         .arg(PROXY_BIN)
         .arg(file.path());
     let p = spawn_proxy_cmd(cmd);
+    // Inheritable only as long as needed: children other tests spawn meanwhile get a copy.
+    socket2::SockRef::from(&l)
+        .set_cloexec(true)
+        .expect("not inheritable");
     assert!(
         p.wait_stderr_contains("socket activation: 1 listening socket(s)", scaled_secs(10)),
         "{}",
