@@ -422,93 +422,94 @@ fn proxy_header_is_not_sent_again_after_the_move() {
     p.stop(new);
 }
 
-/// `kill -9` of the new process while it holds a batch of moved pairs (before it answers):
-/// the old process keeps every pair, and each stream ends intact through it.
+/// Ten echo streams (seeds from `seed`, `rounds` lines 20 ms apart) through a proxy with the
+/// admin endpoint, started with the test hook `hook` set; returns once all ten are active.
+struct TenStreams {
+    first: ProxyHandle,
+    admin: SocketAddr,
+    streams: Vec<thread::JoinHandle<Result<(), String>>>,
+    _echo: Server,
+    _file: TempFile,
+}
+
+impl TenStreams {
+    fn start(hook: (&str, &str), seed: u64, rounds: usize) -> TenStreams {
+        become_subreaper();
+        let echo = echo_server();
+        let cfg = config_with(echo.addr(), true, "");
+        let st = start_cfg_env("toml", 1, &[], true, &cfg, &[hook]);
+        let addr = st.addr(0);
+        let admin = st.admin.expect("admin");
+        let streams: Vec<_> = (0..10)
+            .map(|i| stream(addr, seed + i, rounds, Duration::from_millis(20)))
+            .collect();
+        wait_active(admin, 10);
+        TenStreams {
+            first: st.proxy,
+            admin,
+            streams,
+            _echo: echo,
+            _file: st.file,
+        }
+    }
+
+    fn join_streams(&mut self) {
+        for (i, s) in std::mem::take(&mut self.streams).into_iter().enumerate() {
+            s.join()
+                .expect("stream thread")
+                .unwrap_or_else(|e| panic!("stream {i}: {e}"));
+        }
+    }
+}
+
 /// A new process slow to serve what it was given (it holds each commit 500 ms): the old one
 /// waits at exit until the new one has read the whole channel, so once the old process is
 /// gone the new one lists every moved pair and counts it, with no window in between.
 #[test]
 fn old_process_exits_only_once_the_new_one_serves_the_moved_pairs() {
-    become_subreaper();
-    let echo = echo_server();
-    let st = start_cfg_env(
-        "toml",
-        1,
-        &[],
-        true,
-        &config_with(echo.addr(), true, ""),
-        &[("EPOXY_MIGRATE_TEST_COMMIT_HOLD_MS", "500")],
-    );
-    let addr = st.addr(0);
-    let admin = st.admin.expect("admin");
-    let mut first = st.proxy;
+    let mut t = TenStreams::start(("EPOXY_MIGRATE_TEST_COMMIT_HOLD_MS", "500"), 7100, 60);
     let mut gens = Generations::default();
-    let streams: Vec<_> = (0..10)
-        .map(|i| stream(addr, 7100 + i, 60, Duration::from_millis(20)))
-        .collect();
-    wait_active(admin, 10);
-    let new = upgrade(first.pid(), admin, &first);
+    let new = upgrade(t.first.pid(), t.admin, &t.first);
     gens.0.push(new);
-    first_exits(&mut first, scaled_secs(10));
-    let listed = connections(admin);
+    first_exits(&mut t.first, scaled_secs(10));
+    let listed = connections(t.admin);
     assert_eq!(
         listed.len(),
         10,
         "right after the old process exited: {listed:?}"
     );
-    let text = metrics_text(admin);
+    let text = metrics_text(t.admin);
     let migrated = metric(&text, "epoxy_migrated_connections_total", &[]).unwrap_or(0.0);
     assert_eq!(migrated, 10.0, "epoxy_migrated_connections_total");
-    for (i, s) in streams.into_iter().enumerate() {
-        s.join()
-            .expect("stream thread")
-            .unwrap_or_else(|e| panic!("stream {i}: {e}"));
-    }
+    t.join_streams();
     gens.stop(new);
-    let log = first.stderr_text();
+    let log = t.first.stderr_text();
     assert!(!log.contains("did not close the channel"), "{log}");
     assert_no_panic(&log);
 }
 
+/// `kill -9` of the new process while it holds a batch of moved pairs (before it answers):
+/// the old process keeps every pair, and each stream ends intact through it.
 #[test]
 fn new_process_killed_mid_hand_over_loses_nothing() {
-    become_subreaper();
-    let echo = echo_server();
-    let st = start_cfg_env(
-        "toml",
-        1,
-        &[],
-        true,
-        &config_with(echo.addr(), true, ""),
-        &[("EPOXY_MIGRATE_TEST_HOLD_MS", "60000")],
-    );
-    let addr = st.addr(0);
-    let admin = st.admin.expect("admin");
-    let mut first = st.proxy;
-    let streams: Vec<_> = (0..10)
-        .map(|i| stream(addr, 7000 + i, 80, Duration::from_millis(20)))
-        .collect();
-    wait_active(admin, 10);
-    let old = first.pid();
-    let from = first.stderr_line_count();
+    let mut t = TenStreams::start(("EPOXY_MIGRATE_TEST_HOLD_MS", "60000"), 7000, 80);
+    let old = t.first.pid();
+    let from = t.first.stderr_line_count();
     send_signal(old, libc::SIGUSR2).expect("SIGUSR2");
     assert!(
-        first.wait_stderr_lines_matching(from, scaled_secs(30), |l| l.contains("test hold")),
+        t.first
+            .wait_stderr_lines_matching(from, scaled_secs(30), |l| l.contains("test hold")),
         "the new process never held a batch; stderr:\n{}",
-        first.stderr_text()
+        t.first.stderr_text()
     );
     let kids = children_of(old);
     assert_eq!(kids.len(), 1, "{kids:?}");
     send_signal(kids[0], libc::SIGKILL).expect("SIGKILL");
-    for (i, s) in streams.into_iter().enumerate() {
-        s.join()
-            .expect("stream thread")
-            .unwrap_or_else(|e| panic!("stream {i}: {e}"));
-    }
+    t.join_streams();
     // The old process served them to the end and then exits (its listeners went with the
     // hand-over).
-    first_exits(&mut first, scaled_secs(30));
-    let log = first.stderr_text();
+    first_exits(&mut t.first, scaled_secs(30));
+    let log = t.first.stderr_text();
     assert!(
         log.contains("moving connections stopped") && log.contains("0 live connection(s) to PID"),
         "{log}"
