@@ -56,6 +56,14 @@ pub const ENV_TEST_MIGRATE_HOLD_MS: &str = "EPOXY_MIGRATE_TEST_HOLD_MS";
 /// Test hook, like the one above: the new process waits this long before serving a committed
 /// batch (a new process slow to read its channel).
 pub const ENV_TEST_COMMIT_HOLD_MS: &str = "EPOXY_MIGRATE_TEST_COMMIT_HOLD_MS";
+/// The test hooks above: sleep as long as `var` says (unset: not at all), and log it.
+fn test_hold(var: &str, before: &str) {
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
+        log::info!("upgrade: test hold of {ms} ms before {before}");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 /// How long the old process waits for the new one to say `Ready`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the new process waits for the sockets, and for `Go` after `Ready`.
@@ -709,12 +717,7 @@ impl Predecessor {
 
     /// Say `Ready` and wait for `Go`: after it this process owns the listeners.
     pub fn handshake(&self) -> Result<(), Error> {
-        if let Some(ms) = std::env::var(ENV_TEST_HOLD_MS)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            std::thread::sleep(Duration::from_millis(ms));
-        }
+        test_hold(ENV_TEST_HOLD_MS, "ready");
         let err = |e: String| Error::runtime(format!("upgrade: {e}"));
         write_frame(
             &self.sock,
@@ -766,13 +769,7 @@ impl Predecessor {
                             if let Some((_, imports)) = pending.take() {
                                 adopter.release(imports);
                             }
-                            if let Some(ms) = std::env::var(ENV_TEST_MIGRATE_HOLD_MS)
-                                .ok()
-                                .and_then(|v| v.parse::<u64>().ok())
-                            {
-                                log::info!("upgrade: test hold of {ms} ms before batch {batch}");
-                                std::thread::sleep(Duration::from_millis(ms));
-                            }
+                            test_hold(ENV_TEST_MIGRATE_HOLD_MS, "batch");
                             let (taken, imports) =
                                 take_batch(&mut *adopter, &blob, count as usize, fds);
                             // Reserved before the answer: a commit may follow at once.
@@ -785,15 +782,7 @@ impl Predecessor {
                         }
                         Frame::Commit { batch, stall_us } => match pending.take() {
                             Some((b, imports)) if b == batch => {
-                                if let Some(ms) = std::env::var(ENV_TEST_COMMIT_HOLD_MS)
-                                    .ok()
-                                    .and_then(|v| v.parse::<u64>().ok())
-                                {
-                                    log::info!(
-                                        "upgrade: test hold of {ms} ms before commit {batch}"
-                                    );
-                                    std::thread::sleep(Duration::from_millis(ms));
-                                }
+                                test_hold(ENV_TEST_COMMIT_HOLD_MS, "commit");
                                 let n = imports.len() as u64;
                                 adopter.adopt(imports);
                                 view.migration.record(n, stall_us);
@@ -1137,17 +1126,16 @@ impl Successor {
         let deadline = Instant::now() + patience;
         let mut buf = [0u8; 512];
         loop {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                log::warn!(
-                    "upgrade: PID {} did not close the channel within {patience:?}",
-                    self.pid
-                );
-                return;
+            // Nothing more is expected from it; whatever comes is read and dropped.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let read = if left.is_zero() {
+                Err(io::ErrorKind::TimedOut.into())
+            } else {
+                self.sock
+                    .set_read_timeout(Some(left))
+                    .and_then(|()| (&self.sock).read(&mut buf))
             };
-            if left.is_zero() || self.sock.set_read_timeout(Some(left)).is_err() {
-                return;
-            }
-            match (&self.sock).read(&mut buf) {
+            match read {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1155,7 +1143,14 @@ impl Successor {
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                    ) =>
+                {
+                    log::warn!(
+                        "upgrade: PID {} did not close the channel within {patience:?}",
+                        self.pid
+                    );
+                    return;
+                }
                 Err(_) => return,
             }
         }

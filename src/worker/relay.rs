@@ -182,17 +182,17 @@ impl PipePool {
         if self.live >= self.budget {
             return None;
         }
-        match sys::pipe() {
-            Ok(p) => {
-                self.live += 1;
-                self.enlarge(&p);
-                Some(p)
-            }
-            Err(e) => {
-                log::debug!("pipe: {e}; relaying through the buffer");
-                None
-            }
-        }
+        self.open()
+            .map_err(|e| log::debug!("pipe: {e}; relaying through the buffer"))
+            .ok()
+    }
+
+    /// A new pipe, counted live and grown while the allowance lasts.
+    fn open(&mut self) -> io::Result<Pipe> {
+        let p = sys::pipe()?;
+        self.live += 1;
+        self.enlarge(&p);
+        Ok(p)
     }
 
     /// A pipe even beyond the budget (a pair moved here by an upgrade with bytes that were in
@@ -201,17 +201,7 @@ impl PipePool {
         if let Some(p) = self.take() {
             return Some(p);
         }
-        match sys::pipe() {
-            Ok(p) => {
-                self.live += 1;
-                self.enlarge(&p);
-                Some(p)
-            }
-            Err(e) => {
-                log::warn!("pipe: {e}");
-                None
-            }
-        }
+        self.open().map_err(|e| log::warn!("pipe: {e}")).ok()
     }
 
     /// Return an empty pipe (or one whose bytes are abandoned: it is closed then).

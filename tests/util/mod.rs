@@ -716,7 +716,6 @@ pub fn proc_rss_kib(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("no VmRSS"))
 }
 
-/// Number of open fds of `pid`.
 /// Number of pipe fds open in process `pid` (splice pipes).
 pub fn pipe_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -729,6 +728,7 @@ pub fn pipe_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Number of open fds of `pid`.
 pub fn proc_fd_count(pid: u32) -> io::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
