@@ -1421,12 +1421,23 @@ pub fn source_server(len: u64, seed: u64) -> (Server, Arc<AtomicU64>) {
     (server, progress)
 }
 
-/// Reset server: on each connection writes `len` bytes of pattern `seed`, then closes with
-/// an RST (SO_LINGER 0). Reports the instant of the reset.
+/// Reset server: on each connection waits for the client's first byte, then writes `len`
+/// bytes of pattern `seed` and closes with an RST (SO_LINGER 0). Reports the instant of the
+/// reset.
+///
+/// It waits because a reset that reaches the client before its `connect` call has returned
+/// fails that call with ECONNRESET (std's `connect_timeout` polls, sees POLLHUP and returns
+/// SO_ERROR): on CI's loaded machine the whole 1 MiB and the reset crossed the proxy while
+/// the client thread was still between `connect` and `poll`.
 pub fn reset_server(len: u64, seed: u64) -> (Server, Receiver<Instant>) {
     let (tx, rx) = mpsc::channel::<Instant>();
     let tx = Mutex::new(tx);
     let server = Server::start(loopback_v4(), move |mut s, _| {
+        let mut go = [0u8; 1];
+        let _ = s.set_read_timeout(Some(scaled_secs(30)));
+        if !matches!(s.read(&mut go), Ok(1)) {
+            return;
+        }
         let mut pat = Pattern::new(seed);
         let mut buf = vec![0u8; CHUNK];
         let mut left = len;
@@ -1608,6 +1619,8 @@ pub fn upstream_reset_reaches_client(extra: &[&str], seed: u64) {
     let (srv, resets) = reset_server(LEN, seed);
     let proxy = spawn_proxy_to(srv.addr(), extra);
     let mut c = connect(proxy.addr());
+    // The server sends only after this byte, so its reset cannot overtake the connect.
+    c.write_all(b"g").expect("send the go byte");
     let start = Instant::now();
     let mut got = Vec::with_capacity(LEN as usize);
     let mut buf = vec![0u8; CHUNK];
