@@ -337,7 +337,7 @@ fn upstream_reset_right_after_accept_reaches_client_as_reset() {
     // 100 clients queue in the listener's backlog while the proxy is stopped; resumed, it
     // accepts them in one burst and starts 100 connects before it polls again, by which time
     // the first targets have reset: their connect events come with ECONNRESET.
-    send_signal(proxy.pid(), libc::SIGSTOP).expect("SIGSTOP");
+    stop_process(proxy.pid(), scaled_secs(10)).expect("SIGSTOP");
     let mut clients: Vec<TcpStream> = (0..100).map(|_| connect(proxy.addr())).collect();
     send_signal(proxy.pid(), libc::SIGCONT).expect("SIGCONT");
     for (i, c) in clients.iter_mut().enumerate() {

@@ -168,6 +168,46 @@ pub fn send_signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Sends SIGSTOP to `pid` and waits (up to `within`) until every one of its threads has
+/// stopped. `kill` returns once the signal is queued; a thread running on another CPU stops
+/// only when it next handles signals, so without the wait the process can still accept and
+/// serve for a moment (CI-style parallel runs saw exactly that).
+pub fn stop_process(pid: u32, within: Duration) -> io::Result<()> {
+    send_signal(pid, libc::SIGSTOP)?;
+    let deadline = Instant::now() + within;
+    loop {
+        if all_threads_stopped(pid)? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "process {pid} not stopped within {within:?}"
+            )));
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Whether each thread of `pid` is in state T (stopped) or t (traced), from
+/// /proc/PID/task/*/stat (the state is the field after the command's closing parenthesis).
+fn all_threads_stopped(pid: u32) -> io::Result<bool> {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = match std::fs::read_to_string(entry?.path().join("stat")) {
+            Ok(s) => s,
+            // A thread that exited meanwhile is not running either.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if !matches!(state, Some("T") | Some("t")) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// A lock that serializes the heaviest tests so that they do not starve each other on a
 /// 2-core machine. Poisoning (a failed heavy test) does not block the others.
 pub fn heavy_lock() -> MutexGuard<'static, ()> {
