@@ -66,13 +66,20 @@ fn a_thousand_idle_admin_connections_leave_threads_memory_and_max_conns_alone() 
     let text = metrics_text(admin);
     let max_conns = metric(&text, "epoxy_max_connections", &[]).expect("max_connections") as usize;
     // 512 fds: 32 kept back, one listener, the admin's budget of 68, then per relay mode
-    // (`EPOXY_TEST_SPLICE`): the pipes of splice = "auto" (64 per worker, 2 fds each) and two
-    // per pair; none with `--no-splice`; with `--splice` 2.5 per pair (a pipe per 4 pairs).
+    // (`EPOXY_TEST_SPLICE`): the pipes of splice = "auto" (64 per worker, 2 fds each, times
+    // `EPOXY_TEST_WORKERS`) and two per pair; none with `--no-splice`; with `--splice` 2.5
+    // per pair (a pipe per 4 pairs).
     let usable = 512 - 32 - 1 - 68;
     let expected = match std::env::var("EPOXY_TEST_SPLICE").as_deref() {
         Ok("off") => usable / 2,
         Ok("on") => usable * 2 / 5,
-        _ => (usable - 2 * epoxy::control::AUTO_PIPES_PER_WORKER) / 2,
+        _ => {
+            let workers = std::env::var("EPOXY_TEST_WORKERS")
+                .ok()
+                .and_then(|w| w.parse::<usize>().ok())
+                .unwrap_or(1);
+            (usable - 2 * epoxy::control::AUTO_PIPES_PER_WORKER * workers) / 2
+        }
     };
     assert_eq!(max_conns, expected, "{text}");
     let threads_before = threads_of(pid);
