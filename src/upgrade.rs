@@ -1126,32 +1126,33 @@ impl Successor {
         let deadline = Instant::now() + patience;
         let mut buf = [0u8; 512];
         loop {
-            // Nothing more is expected from it; whatever comes is read and dropped.
             let left = deadline.saturating_duration_since(Instant::now());
-            let read = if left.is_zero() {
-                Err(io::ErrorKind::TimedOut.into())
-            } else {
-                self.sock
-                    .set_read_timeout(Some(left))
-                    .and_then(|()| (&self.sock).read(&mut buf))
-            };
+            if left.is_zero() {
+                log::warn!(
+                    "upgrade: PID {} did not close the channel within {patience:?}",
+                    self.pid
+                );
+                return;
+            }
+            // Nothing more is expected from it; whatever comes is read and dropped. A read
+            // that times out goes round to the deadline check.
+            let read = self
+                .sock
+                .set_read_timeout(Some(left))
+                .and_then(|()| (&self.sock).read(&mut buf));
             match read {
                 Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
-                    if matches!(
+                    if !matches!(
                         e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    log::warn!(
-                        "upgrade: PID {} did not close the channel within {patience:?}",
-                        self.pid
-                    );
                     return;
                 }
-                Err(_) => return,
+                _ => {}
             }
         }
     }

@@ -70,14 +70,11 @@ fn a_thousand_idle_admin_connections_leave_threads_memory_and_max_conns_alone() 
     // `EPOXY_TEST_WORKERS`) and two per pair; none with `--no-splice`; with `--splice` 2.5
     // per pair (a pipe per 4 pairs).
     let usable = 512 - 32 - 1 - 68;
-    let expected = match std::env::var("EPOXY_TEST_SPLICE").as_deref() {
-        Ok("off") => usable / 2,
-        Ok("on") => usable * 2 / 5,
-        _ => {
-            let workers = std::env::var("EPOXY_TEST_WORKERS")
-                .ok()
-                .and_then(|w| w.parse::<usize>().ok())
-                .unwrap_or(1);
+    let expected = match test_splice() {
+        TestSplice::Off => usable / 2,
+        TestSplice::On => usable * 2 / 5,
+        TestSplice::Auto => {
+            let workers = test_workers().unwrap_or(1);
             (usable - 2 * epoxy::control::AUTO_PIPES_PER_WORKER * workers) / 2
         }
     };

@@ -189,7 +189,7 @@ pub fn stop_process(pid: u32, within: Duration) -> io::Result<()> {
 }
 
 /// Whether each thread of `pid` is in state T (stopped) or t (traced), from
-/// /proc/PID/task/*/stat (the state is the field after the command's closing parenthesis).
+/// /proc/PID/task/*/stat.
 fn all_threads_stopped(pid: u32) -> io::Result<bool> {
     for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let stat = match std::fs::read_to_string(entry?.path().join("stat")) {
@@ -198,10 +198,7 @@ fn all_threads_stopped(pid: u32) -> io::Result<bool> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next());
-        if !matches!(state, Some("T") | Some("t")) {
+        if !matches!(stat_fields(&stat).first(), Some(&"T") | Some(&"t")) {
             return Ok(false);
         }
     }
@@ -277,23 +274,45 @@ pub fn proxy_args(backend: SocketAddr, extra: &[&str]) -> Vec<String> {
         backend.port().to_string(),
     ];
     v.extend(extra.iter().map(|s| s.to_string()));
-    // `EPOXY_TEST_SPLICE=off|on cargo test` runs the same tests with `--no-splice` (the
-    // buffer path only) or `--splice` (pipes always) instead of the default "auto".
-    match std::env::var("EPOXY_TEST_SPLICE").as_deref() {
-        Ok("off") if !extra.contains(&"--splice") => v.push("--no-splice".into()),
-        Ok("on") if !extra.contains(&"--no-splice") && !extra.contains(&"--splice") => {
+    match test_splice() {
+        TestSplice::Off if !extra.contains(&"--splice") => v.push("--no-splice".into()),
+        TestSplice::On if !extra.contains(&"--no-splice") && !extra.contains(&"--splice") => {
             v.push("--splice".into())
         }
         _ => {}
     }
-    // `EPOXY_TEST_WORKERS=2 cargo test` runs the same tests against several worker loops.
-    if let Ok(w) = std::env::var("EPOXY_TEST_WORKERS")
+    if let Some(w) = test_workers()
         && !extra.contains(&"--workers")
     {
         v.push("--workers".into());
-        v.push(w);
+        v.push(w.to_string());
     }
     v
+}
+
+/// The relay mode the suite runs in: `EPOXY_TEST_SPLICE=off|on cargo test` runs the same
+/// tests with `--no-splice` (the buffer path only) or `--splice` (pipes always) instead of
+/// the default "auto".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestSplice {
+    Auto,
+    Off,
+    On,
+}
+
+pub fn test_splice() -> TestSplice {
+    match std::env::var("EPOXY_TEST_SPLICE").as_deref() {
+        Ok("off") => TestSplice::Off,
+        Ok("on") => TestSplice::On,
+        _ => TestSplice::Auto,
+    }
+}
+
+/// `EPOXY_TEST_WORKERS=2 cargo test` runs the same tests against several worker loops.
+pub fn test_workers() -> Option<usize> {
+    std::env::var("EPOXY_TEST_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
 }
 
 /// Spawns the proxy with `args` (RUST_LOG=info) and waits up to `startup_timeout()` for
@@ -727,15 +746,18 @@ pub fn assert_no_panic(stderr: &str) {
     );
 }
 
+/// The fields of a /proc/.../stat line after the command's closing parenthesis (the command
+/// may hold spaces and parentheses): index 0 is field 3, the state.
+fn stat_fields(stat: &str) -> Vec<&str> {
+    stat.rsplit_once(')')
+        .map_or_else(Vec::new, |(_, rest)| rest.split_whitespace().collect())
+}
+
 /// utime + stime (ticks) of `pid` from /proc/PID/stat.
 pub fn proc_cpu_ticks(pid: u32) -> io::Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = s
-        .rfind(')')
-        .map(|i| &s[i + 1..])
-        .ok_or_else(|| io::Error::other("bad stat"))?;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // after ")": index 0 is field 3 (state); utime is field 14, stime field 15.
+    let f = stat_fields(&s);
+    // utime is field 14, stime field 15.
     let utime: u64 = f
         .get(11)
         .and_then(|v| v.parse().ok())
